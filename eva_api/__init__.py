@@ -1,0 +1,28 @@
+"""eva_api: train image classifiers (ResNet18 on CIFAR-10 to 85%+) on a GPU, a laptop CPU or several GPUs.
+
+The public API is re-exported here; see README.md for a ten-line tour.
+"""
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
+from .config import RECIPES, Config, make_config, parse_overrides
+from .data import CIFAR10_CLASSES, ImageData, Split, load_data, make_synthetic
+from .engine import (EpochState, History, Precision, evaluate, fit, format_test_line, pick_device, pick_precision,
+                     seed_everything, train_one_epoch, tta_views)
+from .errors import CheckpointError, ConfigError, DataError, EvaError, TrainingError
+from .loaders import ClassicLoader, TensorLoader, classic_transforms
+from .models import ResNet, ResNet18, ResNet34, count_parameters, get_model
+from .plots import (confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_history, plot_misclassified,
+                    plot_samples)
+from .runner import RunResult, build_loaders, build_model, build_optimizer, build_scheduler, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10_CLASSES", "CheckpointError", "ClassicLoader", "Config", "ConfigError", "DataError", "EpochState",
+    "EvaError", "History", "ImageData", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
+    "Split", "TensorLoader", "TrainingError", "build_loaders", "build_model", "build_optimizer", "build_scheduler",
+    "classic_transforms", "confusion_matrix", "count_parameters", "evaluate", "fit", "format_test_line",
+    "get_model", "load_checkpoint", "load_data", "load_model", "make_config", "make_synthetic", "parse_overrides",
+    "per_class_accuracy", "pick_device", "pick_precision", "plot_confusion_matrix", "plot_history",
+    "plot_misclassified", "plot_samples", "save_checkpoint", "seed_everything", "train", "train_one_epoch",
+    "tta_views",
+]

@@ -1,0 +1,67 @@
+"""torchrun / DistributedDataParallel plumbing: one process per GPU (nccl) or per CPU share (gloo).
+
+``torchrun --standalone --nproc_per_node=N -m eva_api train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE;
+without them everything runs as a single process and these helpers are no-ops.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .engine import pick_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group when launched by torchrun; pick this rank's device.
+
+    CUDA: backend nccl, one GPU per rank chosen by LOCAL_RANK. CPU: backend gloo. The timeout bounds
+    how long surviving ranks wait in a collective when one rank has died (torchrun also stops the
+    whole group as soon as any rank exits with an error).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if world_size <= 1:
+        return DistInfo(0, 0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # share the cores between the ranks instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def cleanup_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

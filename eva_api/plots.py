@@ -1,0 +1,154 @@
+"""Figures: training curves, misclassified gallery, confusion matrix, per-class accuracy.
+
+Each function returns a matplotlib Figure and, given ``save=PATH``, writes a PNG. pyplot falls back to
+the Agg backend where there is no display, so this is safe on servers and in CI.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+
+def _pyplot():
+    # matplotlib itself falls back to Agg where there is no display; Jupyter keeps its inline backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, save: str | os.PathLike | None, dpi: int):
+    fig.tight_layout()
+    if save is not None:
+        fig.savefig(save, dpi=dpi, bbox_inches="tight")
+    return fig
+
+
+def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80):
+    """Loss and accuracy (train vs test, flip TTA where recorded) and the LR, per epoch."""
+    plt = _pyplot()
+    records = history.records if hasattr(history, "records") else list(history)
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    axes[0].plot(epochs, [r["test_loss"] for r in records], "o-", label="test")
+    axes[0].set(title="Loss", xlabel="epoch")
+    axes[1].plot(epochs, [r["train_acc"] for r in records], "o-", label="train")
+    axes[1].plot(epochs, [r["test_acc"] for r in records], "o-", label="test")
+    if all("test_acc_tta" in r for r in records):
+        axes[1].plot(epochs, [r["test_acc_tta"] for r in records], "--", label="test (flip TTA)")
+    axes[1].set(title="Accuracy (%)", xlabel="epoch")
+    axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="tab:green")
+    axes[2].set(title="Learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes[:2]:
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _finish(fig, save, dpi)
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalized float [N, C, H, W] back to [0, 1] for display."""
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+def _as_display(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """uint8 images -> [0, 1]; normalized floats are un-normalized with ``mean``/``std``."""
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if mean is not None and std is not None:
+        return denormalize(images.float(), mean, std)
+    return images.float().clamp(0, 1)
+
+
+def image_grid(images, titles: Sequence[str], ncols: int = 5, mean=None, std=None, save=None, dpi: int = 80,
+               suptitle: str | None = None, overlays=None):
+    """A grid of images with titles; ``overlays`` (N, H, W) in [0, 1] are drawn as heat maps on top."""
+    plt = _pyplot()
+    shown = _as_display(images, mean, std)
+    n = len(shown)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.3 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(shown[i].permute(1, 2, 0).numpy())
+            if overlays is not None:
+                ax.imshow(overlays[i].detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _finish(fig, save, dpi)
+
+
+def plot_samples(images, labels, classes: Sequence[str], n: int = 20, ncols: int = 10, save=None, dpi: int = 80):
+    """The first ``n`` images with their class names."""
+    titles = [classes[int(y)] for y in labels[:n]]
+    return image_grid(images[:n], titles, ncols=ncols, save=save, dpi=dpi)
+
+
+def misclassified(images, labels, preds, only_class: int | None = None, n: int = 25) -> torch.Tensor:
+    """Indices of the first ``n`` wrong predictions (optionally only those whose true class is ``only_class``)."""
+    labels, preds = torch.as_tensor(labels).cpu(), torch.as_tensor(preds).cpu()
+    wrong = labels != preds
+    if only_class is not None:
+        wrong &= labels == only_class
+    return wrong.nonzero().flatten()[:n]
+
+
+def plot_misclassified(images, labels, preds, classes: Sequence[str], n: int = 25, only_class: int | str | None = None,
+                       ncols: int = 5, mean=None, std=None, save=None, dpi: int = 80):
+    """The misclassified gallery: un-normalized images titled ``Actual: cat / Predicted: dog``."""
+    if isinstance(only_class, str):
+        only_class = list(classes).index(only_class)
+    idx = misclassified(images, labels, preds, only_class, n)
+    titles = [f"Actual: {classes[int(labels[i])]}\nPredicted: {classes[int(preds[i])]}" for i in idx]
+    return image_grid(images[idx], titles, ncols=ncols, mean=mean, std=std, save=save, dpi=dpi,
+                      suptitle=f"{len(idx)} misclassified images")
+
+
+def confusion_matrix(labels, preds, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    labels, preds = torch.as_tensor(labels).long().cpu(), torch.as_tensor(preds).long().cpu()
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str]) -> list[tuple[str, int, int, float]]:
+    """Rows of (class, correct, total, accuracy %) from a confusion matrix."""
+    rows = []
+    for i, name in enumerate(classes):
+        total = int(cm[i].sum())
+        correct = int(cm[i, i])
+        rows.append((name, correct, total, 100.0 * correct / total if total else float("nan")))
+    return rows
+
+
+def format_per_class(rows) -> str:
+    lines = [f"{'class':<12}{'correct':>8}{'total':>8}{'acc %':>8}"]
+    lines += [f"{name:<12}{c:>8}{t:>8}{a:>8.2f}" for name, c, t, a in rows]
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], normalize: bool = True, save=None, dpi: int = 80):
+    """Heat map of the confusion matrix (rows: actual, columns: predicted), with per-cell numbers."""
+    plt = _pyplot()
+    cm = torch.as_tensor(cm).float()
+    shown = cm / cm.sum(1, keepdim=True).clamp_min(1) if normalize else cm
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(0.6 * k + 3, 0.6 * k + 2.2))
+    im = ax.imshow(shown.numpy(), cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set(xticks=range(k), yticks=range(k), xlabel="Predicted", ylabel="Actual",
+           title="Confusion matrix" + (" (row-normalized)" if normalize else ""))
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for i in range(k):
+        for j in range(k):
+            v = shown[i, j].item()
+            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
+                    color="white" if v > shown.max().item() / 2 else "black")
+    return _finish(fig, save, dpi)
