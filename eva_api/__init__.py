@@ -12,7 +12,8 @@ from .loaders import ClassicLoader, TensorLoader, classic_transforms
 from .models import ResNet, ResNet18, ResNet34, count_parameters, get_model
 from .plots import (confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_history, plot_misclassified,
                     plot_samples)
-from .runner import RunResult, build_loaders, build_model, build_optimizer, build_scheduler, train
+from .runner import (RunResult, build_loaders, build_model, build_optimizer, build_scheduler, load_config_data,
+                     train)
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ __all__ = [
     "EvaError", "History", "ImageData", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
     "Split", "TensorLoader", "TrainingError", "build_loaders", "build_model", "build_optimizer", "build_scheduler",
     "classic_transforms", "confusion_matrix", "count_parameters", "evaluate", "fit", "format_test_line",
-    "get_model", "load_checkpoint", "load_data", "load_model", "make_config", "make_synthetic", "parse_overrides",
+    "get_model", "load_checkpoint", "load_config_data", "load_data", "load_model", "make_config", "make_synthetic", "parse_overrides",
     "per_class_accuracy", "pick_device", "pick_precision", "plot_confusion_matrix", "plot_history",
     "plot_misclassified", "plot_samples", "save_checkpoint", "seed_everything", "train", "train_one_epoch",
     "tta_views",

@@ -91,6 +91,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         augment="s8", dropout=0.1, label_smoothing=0.0, zero_init_residual=False,
     ),
     # Time-to-accuracy: one-cycle, label smoothing, crop + flip on whole batches, bf16, channels_last.
+    # Measured on the dev split (45k/5k, 4 epochs, seed 0; README): batch 128 / peak 0.2 -> 80.82% (81.32% flip
+    # TTA); batch 64 / peak 0.05 -> 78.08%. The 85%-in-4-epochs target is not met yet (see README).
     "fast": dict(
         batch_size=128, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4, wd_on_bn_bias=False,
         schedule="onecycle", warmup_pct=0.25, epochs=4, loader="tensor", augment="crop_flip",

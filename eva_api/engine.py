@@ -215,6 +215,9 @@ def train_one_epoch(
         state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())
         state.seconds = time.perf_counter() - start
         bar.close()
+    if dist_ready():  # BN running stats drift apart after the last step: make every rank hold rank 0's
+        for buf in _unwrap(model).buffers():
+            torch.distributed.broadcast(buf, 0)
     loss_total, correct_total, samples = all_reduce_sum([state.loss_sum, state.correct, state.samples], device)
     return {
         "loss": loss_total / max(samples, 1),
@@ -254,13 +257,17 @@ def evaluate(
     precision: Precision | None = None,
     tta: bool | str | Sequence[Callable[[torch.Tensor], torch.Tensor]] = False,
     return_outputs: bool = False,
+    all_reduce: bool = True,
 ) -> dict:
     """Average loss (summed over samples / number of samples) and accuracy on ``loader``.
 
     ``tta``: True or ``"flip"`` for horizontal-flip TTA, ``"flip+translate"``, or a list of callables;
     their logits are averaged with the plain view's and reported as ``acc_tta`` next to ``acc``.
     ``return_outputs`` adds the (rank-local) logits and labels, e.g. for a confusion matrix.
+    ``all_reduce``: sum the metrics over DDP ranks (off when one rank evaluates the whole split alone).
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # each rank evaluates its own shard; no collectives per batch
     model.eval()
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
@@ -286,8 +293,8 @@ def evaluate(
         if return_outputs:
             outputs.append(logits.cpu())
             targets.append(y.cpu())
-    loss_total, correct_total, ctta_total, n_total = all_reduce_sum(
-        [loss_sum.item(), correct.item(), correct_tta.item(), n], device)
+    sums = [loss_sum.item(), correct.item(), correct_tta.item(), n]
+    loss_total, correct_total, ctta_total, n_total = all_reduce_sum(sums, device) if all_reduce else sums
     out = {
         "loss": loss_total / max(n_total, 1),
         "acc": 100.0 * correct_total / max(n_total, 1),

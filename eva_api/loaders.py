@@ -194,6 +194,8 @@ class ClassicLoader:
 
     The sampler and the workers' RNG are seeded from (seed, epoch), so an epoch is replayable; workers
     are not persistent because persistent workers would carry their RNG from one epoch to the next.
+    With ``num_workers=0`` the transforms draw from the global RNG instead, so replay is exact only
+    with workers.
     """
 
     def __init__(

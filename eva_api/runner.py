@@ -132,7 +132,7 @@ def final_report(model: nn.Module, data: ImageData, history: History, config: Co
     """Metrics of the finished model on the full test split; with ``out_dir``, the JSON files and plots."""
     loader = TensorLoader(data.test, data.mean, data.std, 256, train=False, device=device,
                           channels_last=config.channels_last)
-    ev = evaluate(model, loader, precision=precision, tta=config.tta, return_outputs=True)
+    ev = evaluate(model, loader, precision=precision, tta=config.tta, return_outputs=True, all_reduce=False)
     preds = ev["logits"].argmax(1)
     cm = plots.confusion_matrix(ev["labels"], preds, len(data.classes))
     best = history.best() if len(history) else {}

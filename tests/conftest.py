@@ -1,0 +1,85 @@
+"""Shared fixtures: no network, a private data cache, tiny data sets written to tmp dirs, a tiny CNN."""
+from __future__ import annotations
+
+import pickle
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the way an offline machine does."""
+
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):  # local (AF_UNIX) sockets stay allowed
+            raise OSError("network disabled in tests")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVA_API_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def write_imagefolder(root: Path, n_per_class: int = 3, classes=("cat", "dog", "ship"), size: int = 32,
+                      seed: int = 0, suffix: str = ".png") -> Path:
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png with random pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_per_class), ("test", max(1, n_per_class // 2))):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}{suffix}")
+    return root
+
+
+def write_official(root: Path, n_train: int = 20, n_test: int = 10, batches: int = 2, seed: int = 0) -> Path:
+    """A tiny cifar-10-batches-py/ folder in the official pickled format."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for i in range(1, batches + 1):
+        blob = {b"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
+                b"labels": rng.integers(0, 10, n_train).tolist()}
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(blob))
+    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), b"labels": list(range(10)) * (n_test // 10)}
+    (d / "test_batch").write_bytes(pickle.dumps(test))
+    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    return root
+
+
+class TinyNet(nn.Module):
+    """A small CNN for tests where the architecture does not matter (fast on 2 cores)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()

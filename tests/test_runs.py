@@ -1,0 +1,119 @@
+"""Whole runs on tiny synthetic data: artifacts, checkpoints, exact resume, interruption, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from eva_api import CheckpointError, load_checkpoint, load_model, make_config, train
+from eva_api.loaders import TensorLoader
+
+TINY = dict(dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32, progress=False,
+            precision="fp32", gallery=8)
+KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta")
+
+
+def strip_times(history):
+    return [{k: r[k] for k in KEYS} for r in history]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return train(make_config("fast", epochs=3, **TINY), out), out
+
+
+def test_run_writes_every_artifact_and_a_loadable_checkpoint(full_run):
+    result, out = full_run
+    for name in ("config.json", "history.json", "metrics.json", "checkpoint.pt", "curves.png", "misclassified.png",
+                 "confusion_matrix.png", "per_class.txt"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["synthetic"] and "synthetic" in metrics["data_source"] and metrics["parameters"] == 11_173_962
+    assert len(json.loads((out / "history.json").read_text())) == 3
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 3 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"optimizer", "scheduler", "rng", "config", "history", "classes", "mean", "std"} <= set(ckpt)
+    model = load_model(out / "checkpoint.pt", "cpu")
+    assert not model.training and model.classes == result.data.classes
+    loader = TensorLoader(result.data.test, model.mean, model.std, 48, train=False)
+    from eva_api import evaluate
+
+    assert evaluate(model, loader)["acc"] == pytest.approx(result.history[-1]["test_acc"])
+
+
+def test_resume_after_an_epoch_gives_the_same_history(full_run, tmp_path):
+    result, _ = full_run
+    train(make_config("fast", epochs=3, **TINY), tmp_path)  # then pretend epoch 3 never happened:
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 3
+    first = train(make_config("fast", epochs=3, **TINY) , tmp_path / "b", resume=False)
+    assert strip_times(first.history) == strip_times(result.history)  # seeded CPU runs repeat
+
+
+def test_interrupted_mid_epoch_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch):
+    result, _ = full_run
+    original = TensorLoader.iter_from
+
+    def interrupt_in_epoch_2(self, start):
+        for b, batch in enumerate(original(self, start)):
+            if self.train and self.epoch == 2 and start + b == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(TensorLoader, "iter_from", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config("fast", epochs=3, **TINY), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["epoch_state"]["batches"] == 1
+    monkeypatch.setattr(TensorLoader, "iter_from", original)
+    resumed = train(make_config("fast", **TINY), tmp_path, resume=True)
+    assert strip_times(resumed.history) == strip_times(result.history)
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
+    _, out = full_run
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(make_config("fast", epochs=1, **TINY), out)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_truncated_checkpoint_is_a_one_line_error(full_run, tmp_path):
+    _, out = full_run
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((out / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_model(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_nan_run_writes_no_checkpoint(tmp_path):
+    from eva_api import TrainingError
+
+    with pytest.raises(TrainingError):
+        train(make_config("fast", epochs=1, lr=1e12, start_lr_factor=1.0, **TINY), tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "eva_api", "train", "--dataset", "synthetic", "--synthetic-train", "64",
+           "--synthetic-test", "16", "--batch-size", "16", "--epochs", "200", "--precision", "fp32", "--no-tta",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: checkpoint saved" in stdout and "Traceback" not in stderr
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
