@@ -271,7 +271,12 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
-    views = [] if tta is False else tta_views(tta if isinstance(tta, str) else "flip") if isinstance(tta, (bool, str)) else list(tta)
+    if tta is False:
+        views = []
+    elif isinstance(tta, (bool, str)):
+        views = tta_views("flip" if tta is True else tta)
+    else:
+        views = list(tta)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     correct_tta = torch.zeros((), dtype=torch.int64, device=device)

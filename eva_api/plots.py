@@ -25,7 +25,7 @@ def _finish(fig, save: str | os.PathLike | None, dpi: int):
     return fig
 
 
-def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80):
+def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, title: str | None = None):
     """Loss and accuracy (train vs test, flip TTA where recorded) and the LR, per epoch."""
     plt = _pyplot()
     records = history.records if hasattr(history, "records") else list(history)
@@ -45,6 +45,8 @@ def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80):
         ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return _finish(fig, save, dpi)
 
 

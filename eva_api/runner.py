@@ -8,8 +8,6 @@ writes files or prints.
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,12 +147,10 @@ def final_report(model: nn.Module, data: ImageData, history: History, config: Co
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out_dir / "per_class.txt").write_text(plots.format_per_class(plots.per_class_accuracy(cm, data.classes)) + "\n")
         prefix = "SYNTHETIC data - " if data.synthetic else ""
-        figs = [plots.plot_history(history, save=out_dir / "curves.png"),
+        figs = [plots.plot_history(history, save=out_dir / "curves.png", title=f"{prefix}{config.model}, recipe {config.recipe}"),
                 plots.plot_misclassified(data.test.images, ev["labels"], preds, data.classes, n=config.gallery,
                                          save=out_dir / "misclassified.png"),
                 plots.plot_confusion_matrix(cm, data.classes, save=out_dir / "confusion_matrix.png")]
-        figs[0].suptitle(f"{prefix}{config.model}, recipe {config.recipe}")
-        figs[0].savefig(out_dir / "curves.png", dpi=80, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         for f in figs:
