@@ -66,7 +66,7 @@ def train_rate(loader, device, precision: Precision, channels_last: bool, compil
             opt.step()
             seen += y.shape[0]
             if start is not None and seen >= steps * loader_batch(loader):
-                float(loss)  # sync
+                float(loss.detach())  # sync
                 return seen / (time.perf_counter() - start)
 
 
