@@ -209,7 +209,7 @@ def train_one_epoch(
                         f"loss became {state.loss_sum} in epoch {epoch} by batch {state.batches} "
                         f"(lr={optimizer.param_groups[0]['lr']:.4g}); lower --lr or use --precision fp32")
                 bar.set_description(course_desc(state.loss_sum / state.samples, state.batches - 1,
-                                                100.0 * state.correct / state.samples))
+                                                100.0 * state.correct / state.samples), refresh=False)
     finally:
         # an interruption keeps everything up to the last finished batch
         state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())

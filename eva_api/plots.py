@@ -19,7 +19,8 @@ def _pyplot():
 
 
 def _finish(fig, save: str | os.PathLike | None, dpi: int):
-    fig.tight_layout()
+    if not fig._suptitle:  # figures with a suptitle were laid out before it was added
+        fig.tight_layout()
     if save is not None:
         fig.savefig(save, dpi=dpi, bbox_inches="tight")
     return fig
@@ -45,8 +46,11 @@ def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, 
         ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     return _finish(fig, save, dpi)
 
 
@@ -74,7 +78,8 @@ def image_grid(images, titles: Sequence[str], ncols: int = 5, mean=None, std=Non
     shown = _as_display(images, mean, std)
     n = len(shown)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.3 * nrows), squeeze=False)
+    height = 2.45 * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, height), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -82,8 +87,9 @@ def image_grid(images, titles: Sequence[str], ncols: int = 5, mean=None, std=Non
             if overlays is not None:
                 ax.imshow(overlays[i].detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
             ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout(h_pad=1.2)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, y=1 + 0.35 / height)  # ~0.35 inch above the top row's titles
     return _finish(fig, save, dpi)
 
 
@@ -93,13 +99,18 @@ def plot_samples(images, labels, classes: Sequence[str], n: int = 20, ncols: int
     return image_grid(images[:n], titles, ncols=ncols, save=save, dpi=dpi)
 
 
-def misclassified(images, labels, preds, only_class: int | None = None, n: int = 25) -> torch.Tensor:
-    """Indices of the first ``n`` wrong predictions (optionally only those whose true class is ``only_class``)."""
+def misclassified(images, labels, preds, only_class: int | None = None, n: int = 25, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` wrong predictions (optionally only those whose true class is ``only_class``).
+
+    Test sets are often sorted by class, so the first mistakes would all share one class: the
+    indices are drawn in a fixed pseudo-random order instead (same ``seed``, same gallery).
+    """
     labels, preds = torch.as_tensor(labels).cpu(), torch.as_tensor(preds).cpu()
     wrong = labels != preds
     if only_class is not None:
         wrong &= labels == only_class
-    return wrong.nonzero().flatten()[:n]
+    idx = wrong.nonzero().flatten()
+    return idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
 
 
 def plot_misclassified(images, labels, preds, classes: Sequence[str], n: int = 25, only_class: int | str | None = None,
