@@ -206,6 +206,8 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
         start_epoch = ckpt["epoch"]
         if ckpt.get("epoch_state"):
             epoch_state = EpochState(**ckpt["epoch_state"])
+            if not dist.is_main:  # the saved sums are rank 0's own: count them once in the all-reduce
+                epoch_state.samples, epoch_state.loss_sum, epoch_state.correct = 0, 0.0, 0
         set_rng_states(ckpt["rng"])
     train_model = model
     if dist.distributed:

@@ -47,30 +47,31 @@ def test_run_writes_every_artifact_and_a_loadable_checkpoint(full_run):
     assert evaluate(model, loader)["acc"] == pytest.approx(result.history[-1]["test_acc"])
 
 
-def test_resume_after_an_epoch_gives_the_same_history(full_run, tmp_path):
+def test_a_seeded_cpu_run_repeats_exactly(full_run, tmp_path):
     result, _ = full_run
-    train(make_config("fast", epochs=3, **TINY), tmp_path)  # then pretend epoch 3 never happened:
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 3
-    first = train(make_config("fast", epochs=3, **TINY) , tmp_path / "b", resume=False)
-    assert strip_times(first.history) == strip_times(result.history)  # seeded CPU runs repeat
+    again = train(make_config("fast", epochs=3, **TINY), tmp_path)
+    assert strip_times(again.history) == strip_times(result.history)
 
 
-def test_interrupted_mid_epoch_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_epoch,stop_batch", [(2, 1), (3, 0)])  # mid-epoch, and at an epoch boundary
+def test_interrupted_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch, stop_epoch, stop_batch):
     result, _ = full_run
     original = TensorLoader.iter_from
 
-    def interrupt_in_epoch_2(self, start):
+    def interrupt(self, start):
         for b, batch in enumerate(original(self, start)):
-            if self.train and self.epoch == 2 and start + b == 1:
+            if self.train and self.epoch == stop_epoch and start + b == stop_batch:
                 raise KeyboardInterrupt
             yield batch
+        if self.train and self.epoch == stop_epoch:
+            raise AssertionError("interruption point not reached")
 
-    monkeypatch.setattr(TensorLoader, "iter_from", interrupt_in_epoch_2)
+    monkeypatch.setattr(TensorLoader, "iter_from", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train(make_config("fast", epochs=3, **TINY), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["epoch"] == 1 and ckpt["epoch_state"]["batches"] == 1
+    assert ckpt["epoch"] == stop_epoch - 1
+    assert (ckpt["epoch_state"] or {}).get("batches", 0) == stop_batch
     monkeypatch.setattr(TensorLoader, "iter_from", original)
     resumed = train(make_config("fast", **TINY), tmp_path, resume=True)
     assert strip_times(resumed.history) == strip_times(result.history)
