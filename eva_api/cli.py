@@ -137,7 +137,7 @@ def cmd_summary(args) -> int:
 
 def cmd_predict(args) -> int:
     from .checkpoint import load_model
-    from .predict import predict
+    from .prediction import predict
 
     model = load_model(args.checkpoint, args.device)
     for path, top in zip(args.images, predict(model, args.images, top=args.top)):

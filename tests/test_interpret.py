@@ -10,7 +10,7 @@ from eva_api import TensorLoader, fit, seed_everything
 from eva_api.data import ImageData, channel_stats, synthetic_split
 from eva_api.interpret import classification_report, grad_cam, most_confused, top_losses
 from eva_api.lr_finder import lr_find
-from eva_api.predict import predict
+from eva_api import predict
 
 
 @pytest.fixture(scope="module")
