@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import unwrap_model
+from .loaders import normalize
 
 
 def default_cam_layer(model: nn.Module) -> nn.Module:
@@ -121,7 +122,7 @@ def plot_gradcam_pairs(model: nn.Module, images_uint8: torch.Tensor, labels: tor
     from .plots import image_grid
 
     device = next(model.parameters()).device
-    x = _normalize(images_uint8, mean, std).to(device)
+    x = normalize(images_uint8, mean, std).to(device)
     cam_pred, logits = grad_cam(model, x)
     cam_true, _ = grad_cam(model, x, labels.to(device))
     preds = logits.argmax(1).cpu()
@@ -140,14 +141,9 @@ def plot_gradcam_class(model: nn.Module, images_uint8: torch.Tensor, class_index
     from .plots import image_grid
 
     device = next(model.parameters()).device
-    cams, logits = grad_cam(model, _normalize(images_uint8, mean, std).to(device), class_index)
+    cams, logits = grad_cam(model, normalize(images_uint8, mean, std).to(device), class_index)
     preds = logits.argmax(1).cpu().tolist()
     titles = [f"predicted: {classes[p]}" for p in preds]
     return image_grid(images_uint8, titles, ncols=min(8, len(images_uint8)), overlays=cams.cpu(), save=save, dpi=dpi,
                       suptitle=f"Grad-CAM for class '{classes[class_index]}'")
 
-
-def _normalize(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (images_uint8.float() / 255.0 - m) / s

@@ -22,6 +22,13 @@ from .data import Split
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float ``(x / 255 - mean) / std`` on the images' device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
+    return (images_uint8.float() / 255.0 - m) / s
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .loaders import normalize
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -52,9 +53,7 @@ def predict(model: nn.Module, images: Sequence[ImageLike] | ImageLike, *, classe
     std = std or getattr(model, "std")
     batch = torch.stack([to_uint8(im, size) for im in images])
     device = next(model.parameters()).device
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    x = ((batch.float() / 255.0 - m) / s).to(device)
+    x = normalize(batch, mean, std).to(device)
     model.eval()
     probs = model(x).float().softmax(1).cpu()
     k = min(top, probs.shape[1])
