@@ -17,6 +17,7 @@ from .plots import (confusion_matrix, per_class_accuracy, plot_confusion_matrix,
                     plot_samples)
 from .runner import (RunResult, build_loaders, build_model, build_optimizer, build_scheduler, load_config_data,
                      train)
+from .whitening import whiten_stem_
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,5 @@ __all__ = [
     "get_model", "grad_cam", "load_checkpoint", "load_config_data", "load_data", "load_model", "lr_find", "make_config", "make_synthetic", "most_confused", "parse_overrides",
     "per_class_accuracy", "pick_device", "pick_precision", "plot_confusion_matrix", "plot_history",
     "plot_misclassified", "plot_samples", "predict", "save_checkpoint", "seed_everything", "top_losses", "train", "train_one_epoch",
-    "tta_views",
+    "tta_views", "whiten_stem_",
 ]

@@ -206,7 +206,7 @@ def cmd_lr_find(args, extra: list[str]) -> int:
     seed_everything(config.seed)
     device = pick_device(config.device)
     data = load_config_data(config)
-    model = build_model(config, len(data.classes), device)
+    model = build_model(config, len(data.classes), device, whiten_from=data)
     train_loader, _ = build_loaders(data, config, DistInfo(device=device), device)
     optimizer = build_optimizer(model, config)
     import torch.nn as nn

@@ -179,14 +179,14 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.labels[i]
 
 
-def classic_transforms(mean: Sequence[float], std: Sequence[float], augment: str = "crop_flip"):
-    """torchvision transforms: ``crop_flip`` (4-px reflect crop + flip), ``s8`` (the course's flip,
+def classic_transforms(mean: Sequence[float], std: Sequence[float], augment: str = "crop_flip", crop_padding: int = 4):
+    """torchvision transforms: ``crop_flip`` (``crop_padding``-px reflect crop + flip), ``s8`` (the course's flip,
     ±5° rotation and light colour jitter) or ``none`` (test-time: tensor + normalize only)."""
     from torchvision import transforms as T
 
     tail = [T.ToTensor(), T.Normalize(mean, std)]
     if augment == "crop_flip":
-        head = [T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
+        head = [T.RandomCrop(32, padding=crop_padding, padding_mode="reflect"), T.RandomHorizontalFlip()]
     elif augment == "s8":
         head = [T.RandomHorizontalFlip(), T.RandomRotation(5), T.ColorJitter(0.1, 0.1, 0.1)]
     elif augment == "none":

@@ -23,6 +23,7 @@ from .engine import EpochState, History, Precision, evaluate, fit, pick_precisio
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
 from .models import count_parameters, get_model
+from .whitening import whiten_stem_
 from . import plots
 
 CHECKPOINT = "checkpoint.pt"
@@ -76,23 +77,28 @@ def build_loaders(data: ImageData, config: Config, dist: DistInfo, device: torch
     per_rank = config.batch_size // dist.world_size
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     if config.loader == "classic":
-        train = ClassicLoader(data.train, classic_transforms(data.mean, data.std, config.augment), per_rank,
+        train = ClassicLoader(data.train, classic_transforms(data.mean, data.std, config.augment, config.crop_padding), per_rank,
                               train=True, num_workers=config.num_workers, pin_memory=device.type == "cuda", **common)
     else:
         if config.augment == "s8":
             raise ConfigError("augment=s8 (rotation, colour jitter) needs --loader classic")
         on = config.augment == "crop_flip"
         train = TensorLoader(data.train, data.mean, data.std, per_rank, train=True, device=device,
-                             crop_padding=4 if on else 0, flip=on, cutout_size=config.cutout,
+                             crop_padding=config.crop_padding if on else 0, flip=on, cutout_size=config.cutout,
                              channels_last=config.channels_last, **common)
     test = TensorLoader(data.test, data.mean, data.std, max(per_rank, 256), train=False, device=device,
                         channels_last=config.channels_last, **common)
     return train, test
 
 
-def build_model(config: Config, num_classes: int, device: torch.device, dist: DistInfo | None = None) -> nn.Module:
+def build_model(config: Config, num_classes: int, device: torch.device, dist: DistInfo | None = None,
+                whiten_from: ImageData | None = None) -> nn.Module:
+    """The config's model on ``device``. With ``config.whiten_init`` the stem is initialised from the
+    patches of ``whiten_from.train`` (pass None only when trained weights will be loaded over it)."""
     model = get_model(config.model, num_classes=num_classes, dropout=config.dropout,
                       zero_init_residual=config.zero_init_residual)
+    if config.whiten_init and whiten_from is not None:
+        whiten_stem_(model, whiten_from.train.images, whiten_from.mean, whiten_from.std)
     if dist is not None and dist.distributed and config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -190,7 +196,7 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
     seed_everything(config.seed)
     data = data or load_config_data(config, progress=config.progress and dist.is_main)
     precision = pick_precision(device, config.precision)
-    model = build_model(config, len(data.classes), device, dist)
+    model = build_model(config, len(data.classes), device, dist, whiten_from=None if ckpt else data)
     optimizer = build_optimizer(model, config)
     train_loader, test_loader = build_loaders(data, config, dist, device)
     scheduler = build_scheduler(optimizer, config, len(train_loader))

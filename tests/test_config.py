@@ -9,6 +9,7 @@ def test_recipes_hold_the_course_settings():
     assert s8.schedule == "multistep" and s8.milestones == (14, 18) and s8.gamma == 0.1 and s8.dropout > 0
     fast = make_config("fast")
     assert fast.schedule == "onecycle" and fast.loader == "tensor" and fast.label_smoothing > 0
+    assert fast.whiten_init and not fast.zero_init_residual and fast.crop_padding == 4
 
 
 def test_cli_overrides_are_typed():
@@ -24,6 +25,7 @@ def test_cli_overrides_are_typed():
     (["--tta", "maybe"], "expected bool"),
     (["--precision", "fp8"], "choose one of auto, bf16, fp16, fp32"),
     (["--epochs", "0"], ">= 1"),
+    (["--crop-padding", "-1"], r"crop_padding: must be in \[0, 16\]"),
     (["--lr"], "needs a value"),
     (["stray"], "unexpected argument"),
 ])

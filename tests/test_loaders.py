@@ -28,21 +28,22 @@ def test_normalized_training_data_has_zero_mean_unit_std(data):
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-2
 
 
-def test_augmentation_really_crops_and_flips(data):
-    loader = TensorLoader(data.train, data.mean, data.std, 96, train=True, seed=3)
+@pytest.mark.parametrize("pad", [4, 2])
+def test_augmentation_really_crops_and_flips(data, pad):
+    loader = TensorLoader(data.train, data.mean, data.std, 96, train=True, seed=3, crop_padding=pad)
     loader.set_epoch(1)
     order = loader.indices()
     x, y = next(iter(loader))
     assert torch.equal(y, data.train.labels[order])
     plain = TensorLoader(data.train, data.mean, data.std, 96, train=False).normalize(data.train.images[order])
-    padded = F.pad(plain, (4, 4, 4, 4), mode="reflect")
+    padded = F.pad(plain, (pad, pad, pad, pad), mode="reflect")
     shifted = flipped = 0
     for i in range(len(x)):
-        windows = {(dy, dx): padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+        windows = {(dy, dx): padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}
         hits = [(dy, dx, f) for (dy, dx), w in windows.items() for f in (False, True)
                 if torch.allclose(w.flip(2) if f else w, x[i], atol=1e-5)]
         assert hits, f"image {i} is no crop/flip of its original"
-        shifted += all((dy, dx) != (4, 4) for dy, dx, _ in hits)
+        shifted += all((dy, dx) != (pad, pad) for dy, dx, _ in hits)
         flipped += all(f for _, _, f in hits)
     assert shifted > len(x) // 2 and 20 < flipped < 76
 
@@ -92,3 +93,20 @@ def test_classic_loader_with_course_transforms(data):
     x, _ = next(iter(test))
     ref = TensorLoader(data.test, data.mean, data.std, 40, train=False)
     assert torch.allclose(x, next(iter(ref))[0], atol=1e-5)  # same normalization, no augmentation
+
+
+@pytest.mark.parametrize("kind", ["tensor", "classic"])
+def test_config_crop_padding_reaches_the_training_loader(data, kind):
+    from torchvision import transforms as T
+
+    from eva_api import make_config
+    from eva_api.distributed import DistInfo
+    from eva_api.runner import build_loaders
+
+    config = make_config("fast", loader=kind, crop_padding=2, num_workers=0, batch_size=32)
+    train, test = build_loaders(data, config, DistInfo(), torch.device("cpu"))
+    if kind == "tensor":
+        assert (train.crop_padding, test.crop_padding) == (2, 0)
+    else:
+        crops = [t for t in train.dataset.transform.transforms if isinstance(t, T.RandomCrop)]
+        assert [c.padding for c in crops] == [2]
