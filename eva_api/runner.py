@@ -77,8 +77,9 @@ def build_loaders(data: ImageData, config: Config, dist: DistInfo, device: torch
     per_rank = config.batch_size // dist.world_size
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     if config.loader == "classic":
-        train = ClassicLoader(data.train, classic_transforms(data.mean, data.std, config.augment, config.crop_padding), per_rank,
-                              train=True, num_workers=config.num_workers, pin_memory=device.type == "cuda", **common)
+        transform = classic_transforms(data.mean, data.std, config.augment, config.crop_padding)
+        train = ClassicLoader(data.train, transform, per_rank, train=True, num_workers=config.num_workers,
+                              pin_memory=device.type == "cuda", **common)
     else:
         if config.augment == "s8":
             raise ConfigError("augment=s8 (rotation, colour jitter) needs --loader classic")

@@ -44,7 +44,7 @@ def patch_whitening_filters(images: torch.Tensor, mean: Sequence[float], std: Se
     eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     filters = eigvecs.T / (eigvals.clamp_min(0) + eps).sqrt()[:, None]
-    return filters.float().view(d, x.shape[1], *kernel_size)
+    return filters.float().view(d, c, *kernel_size)
 
 
 @torch.no_grad()
