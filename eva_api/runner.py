@@ -23,7 +23,7 @@ from .engine import EpochState, History, Precision, evaluate, fit, pick_precisio
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
 from .models import count_parameters, get_model
-from .whitening import whiten_stem_
+from .whitening import first_conv, whiten_stem_
 from . import plots
 
 CHECKPOINT = "checkpoint.pt"
@@ -52,14 +52,21 @@ class LRSchedule:
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """SGD; BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``."""
+    """SGD; BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``.
+
+    With ``freeze_stem`` the stem conv's weight sits in a last group of its own with LR 0 and no weight
+    decay (marked ``frozen`` for the LR finder; the schedule only scales that 0): it keeps its initial
+    values but stays a parameter, so counts, checkpoints and DDP see the same model either way."""
+    stem = first_conv(model).weight if config.freeze_stem else None
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and p is not stem:
             (no_decay if p.ndim <= 1 and not config.wd_on_bn_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if stem is not None:
+        groups.append({"params": [stem], "weight_decay": 0.0, "lr": 0.0, "frozen": True})
     return torch.optim.SGD(groups, lr=config.effective_lr(), momentum=config.momentum,
                            nesterov=config.nesterov and config.momentum > 0)
 

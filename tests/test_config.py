@@ -9,7 +9,7 @@ def test_recipes_hold_the_course_settings():
     assert s8.schedule == "multistep" and s8.milestones == (14, 18) and s8.gamma == 0.1 and s8.dropout > 0
     fast = make_config("fast")
     assert fast.schedule == "onecycle" and fast.loader == "tensor" and fast.label_smoothing > 0
-    assert fast.whiten_init and not fast.zero_init_residual and fast.crop_padding == 4
+    assert fast.whiten_init and fast.freeze_stem and not fast.zero_init_residual and fast.crop_padding == 2
 
 
 def test_cli_overrides_are_typed():

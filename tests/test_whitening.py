@@ -54,3 +54,24 @@ def test_the_whiten_init_flag_whitens_the_stem_of_a_new_run_only(monkeypatch, tm
     assert calls == [64]  # a resumed run keeps its trained stem
     train(make_config("fast", epochs=1, whiten_init=False, **tiny), None)
     assert calls == [64]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_stem_keeps_the_stem_weights_and_trains_the_rest(data, freeze):
+    from eva_api import build_optimizer, build_scheduler, make_config
+
+    torch.manual_seed(0)
+    model = get_model("resnet18")
+    config = make_config("fast", freeze_stem=freeze, lr=0.5)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=2)
+    stem, head = model.conv1.weight.detach().clone(), model.linear.weight.detach().clone()
+    x = normalize(data.train.images[:16], data.mean, data.std)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), data.train.labels[:16]).backward()
+        optimizer.step()
+        scheduler.step()
+    assert torch.equal(model.conv1.weight, stem) == freeze
+    assert not torch.equal(model.linear.weight, head)
+    assert count_parameters(model) == 11_173_962  # frozen by the optimizer, still a parameter
