@@ -1,6 +1,7 @@
 """Data-dependent initialisation of the stem: its filters start as the whitening (PCA) basis of the
 training images' patches, the trick airbench and "How to train your ResNet" use to speed up early
-training. Only the initial values change: same layer, same shape, still trained, same parameter count.
+training. Only the initial values change: same layer, same shape, same parameter count. The filters are
+trained like any other unless ``freeze_stem`` keeps them (the ``fast`` recipe does: see ``build_optimizer``).
 
 The stem conv is followed by BatchNorm, which rescales each channel anyway; what the basis buys is
 channels that start decorrelated and equally strong (a random 3x3 filter mostly measures brightness).
