@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["runs"].append(run)
         print(f"\nseed {seed}: " + " | ".join(
             f"ep{r['epoch']} {r['train_seconds']:.0f}s acc {r['test_acc']:.2f} tta {r.get('test_acc_tta', float('nan')):.2f}"
+            + (f" (no EMA {r['test_acc_raw']:.2f})" if "test_acc_raw" in r else "")
             for r in recs) + f" | final, {args.final_tta} TTA: {final['acc_tta']:.2f}", flush=True)
         runs = summary["runs"]
         summary["final_test_acc"] = mean_std([r["final_test_acc"] for r in runs])

@@ -7,6 +7,7 @@ from .config import RECIPES, Config, make_config, parse_overrides
 from .data import CIFAR10_CLASSES, ImageData, Split, load_data, make_synthetic
 from .engine import (EpochState, History, Precision, evaluate, fit, format_test_line, pick_device, pick_precision,
                      seed_everything, train_one_epoch, tta_views)
+from .ema import EMA
 from .errors import CheckpointError, ConfigError, DataError, EvaError, TrainingError
 from .interpret import classification_report, grad_cam, most_confused, top_losses
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
@@ -22,7 +23,7 @@ from .whitening import whiten_stem_
 __version__ = "0.1.0"
 
 __all__ = [
-    "CIFAR10_CLASSES", "CheckpointError", "ClassicLoader", "Config", "ConfigError", "DataError", "EpochState",
+    "CIFAR10_CLASSES", "CheckpointError", "ClassicLoader", "Config", "ConfigError", "DataError", "EMA", "EpochState",
     "EvaError", "History", "ImageData", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
     "Split", "TensorLoader", "TrainingError", "build_loaders", "build_model", "build_optimizer", "build_scheduler",
     "classic_transforms", "classification_report", "confusion_matrix", "count_parameters", "evaluate", "fit", "format_test_line",

@@ -1,8 +1,9 @@
 """Checkpoints: one file with everything needed to resume exactly or to load a ready-to-eval model.
 
 Contents: unwrapped model state_dict (no ``module.`` / ``_orig_mod.`` prefixes), optimizer, scheduler,
-scaler, completed epochs, the unfinished epoch's sums (after an interruption), History, config,
-classes, normalization and RNG states. Written atomically (temp file in the same folder + rename):
+scaler, the averaged weights (``ema``, when the config keeps an EMA: ``load_model`` returns those),
+completed epochs, the unfinished epoch's sums (after an interruption), History, config, classes,
+normalization and RNG states. Written atomically (temp file in the same folder + rename):
 a crash mid-write never leaves a half-written file where a good one was.
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     classes = ckpt.get("classes") or [str(i) for i in range(10)]
     model = get_model(config.model, num_classes=len(classes), dropout=config.dropout)
     try:
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        model.load_state_dict(strip_prefixes(ckpt.get("ema") or ckpt["model"]))  # the EMA when trained with one
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {config.model} ({str(e).splitlines()[0]})") from None
     model.to(device).eval()

@@ -27,6 +27,7 @@ class Config:
     loader: str = "tensor"  # tensor: in-memory uint8 on the device; classic: DataLoader + PIL transforms
     augment: str = "crop_flip"  # crop_flip | s8 (flip, ±5° rotation, colour jitter; classic only) | none
     crop_padding: int = 4  # crop_flip: reflect-pad by this many pixels, then crop back to the input size
+    alternate_flip: bool = False  # crop_flip, tensor loader: random flips in epoch 1, then each image the other way
     cutout: int = 0  # side of the cutout square in pixels (tensor loader); 0 = off
     num_workers: int = 2  # classic loader only
     # model
@@ -47,6 +48,7 @@ class Config:
     weight_decay: float = 5e-4
     wd_on_bn_bias: bool = False
     label_smoothing: float = 0.1
+    ema: float = 0.0  # per-step decay of an average of the weights (e.g. 0.99); 0 = off. The average is evaluated and kept
     schedule: str = "onecycle"  # onecycle (linear warm-up, linear decay to 0) | multistep
     warmup_pct: float = 0.25
     start_lr_factor: float = 0.1  # one-cycle starts at lr * this
@@ -155,6 +157,8 @@ def replace(config: Config, **overrides: Any) -> Config:
         raise ConfigError(f"bad value {new.crop_padding!r} for crop_padding: must be in [0, 16]")
     if new.lr <= 0:
         raise ConfigError(f"bad value {new.lr!r} for lr: must be > 0")
+    if not 0 <= new.ema < 1:
+        raise ConfigError(f"bad value {new.ema!r} for ema: must be in [0, 1) (0 = off)")
     if not 0 <= new.dropout < 1:
         raise ConfigError(f"bad value {new.dropout!r} for dropout: must be in [0, 1)")
     return new

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import unwrap_model
+from .ema import EMA
 from .errors import ConfigError, TrainingError
 
 
@@ -132,11 +134,6 @@ class EpochState:
     seconds: float = 0.0
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def course_desc(loss: float, batch_id: int, acc: float) -> str:
     """The course's progress line: ``Loss=0.4403 Batch_id=781 Accuracy=77.73``."""
     return f"Loss={loss:.4f} Batch_id={batch_id} Accuracy={acc:.2f}"
@@ -160,12 +157,13 @@ def train_one_epoch(
     precision: Precision,
     scheduler=None,
     scaler=None,
+    ema: EMA | None = None,
     epoch: int = 1,
     state: EpochState | None = None,
     progress: bool = True,
     log_every: int = 25,
 ) -> dict:
-    """One pass over ``loader``; the scheduler steps per batch. Returns loss/acc/seconds/lr.
+    """One pass over ``loader``; the scheduler (and ``ema``) step per batch. Returns loss/acc/seconds/lr.
 
     ``state`` lets an interrupted epoch continue: its batches are skipped and its sums kept. The loss
     is summed on the device and read back only every ``log_every`` batches (a GPU sync per batch
@@ -196,6 +194,8 @@ def train_one_epoch(
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if ema is not None:
+                ema.update(model)
             n = y.shape[0]
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
@@ -216,7 +216,7 @@ def train_one_epoch(
         state.seconds = time.perf_counter() - start
         bar.close()
     if dist_ready():  # BN running stats drift apart after the last step: make every rank hold rank 0's
-        for buf in _unwrap(model).buffers():
+        for buf in [*unwrap_model(model).buffers(), *(ema.module.buffers() if ema is not None else ())]:
             torch.distributed.broadcast(buf, 0)
     loss_total, correct_total, samples = all_reduce_sum([state.loss_sum, state.correct, state.samples], device)
     return {
@@ -393,6 +393,7 @@ def fit(
     precision: Precision | None = None,
     scheduler=None,
     scaler=None,
+    ema: EMA | None = None,
     history: History | None = None,
     start_epoch: int = 0,
     epoch_state: EpochState | None = None,
@@ -403,6 +404,9 @@ def fit(
     on_interrupt: Callable[[int, EpochState], None] | None = None,
 ) -> History:
     """Train for epochs ``start_epoch+1 .. epochs``, evaluating after each; returns the History.
+
+    With ``ema`` the averaged weights are the ones evaluated (``test_acc``, TTA); the training weights'
+    plain accuracy goes in ``test_acc_raw`` so one run shows what the average adds.
 
     ``on_epoch_end(epoch, history)`` runs after each epoch's evaluation (checkpointing goes there);
     on Ctrl-C or SIGTERM ``on_interrupt(epoch_in_progress, state)`` runs, then KeyboardInterrupt goes on.
@@ -418,15 +422,22 @@ def fit(
             for epoch in range(start_epoch + 1, epochs + 1):
                 train_loader.set_epoch(epoch)
                 tr = train_one_epoch(model, train_loader, optimizer, criterion=criterion, precision=precision,
-                                     scheduler=scheduler, scaler=scaler, epoch=epoch, state=state, progress=progress)
-                te = evaluate(model, test_loader, precision=precision, tta=tta)
-                if verbose:
-                    print(format_test_line(te), flush=True)
+                                     scheduler=scheduler, scaler=scaler, ema=ema, epoch=epoch, state=state,
+                                     progress=progress)
+                te = evaluate(ema.module if ema is not None else model, test_loader, precision=precision, tta=tta)
                 record = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                           "test_loss": te["loss"], "test_acc": te["acc"], "train_seconds": tr["seconds"],
                           "eval_seconds": te["seconds"]}
                 if "acc_tta" in te:
                     record["test_acc_tta"] = te["acc_tta"]
+                line = format_test_line(te)
+                if ema is not None:
+                    raw = evaluate(model, test_loader, precision=precision)
+                    record["test_acc_raw"] = raw["acc"]
+                    record["eval_seconds"] += raw["seconds"]
+                    line += f" (EMA weights; training weights: {raw['acc']:.2f}%)"
+                if verbose:
+                    print(line, flush=True)
                 history.append(record)
                 state = EpochState()
                 if on_epoch_end is not None:

@@ -4,6 +4,8 @@
 shuffles, crops, flips and normalizes whole batches there: no worker processes, no PIL. Each epoch's
 order and augmentation come from a generator seeded by (seed, epoch), so any epoch, and any batch
 within it, can be replayed exactly (resume) and every DDP rank draws the same permutation.
+With ``alternate_flip`` (as in airbench) each image is flipped at random in epoch 1 and then the other
+way round from one epoch to the next, so every pair of epochs shows it both ways.
 
 ``ClassicLoader`` is the torchvision ``DataLoader`` + ``transforms`` path for users who bring their own
 PIL / torchvision / albumentations transforms (the course's flip + rotation + colour jitter included).
@@ -91,6 +93,7 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         crop_padding: int = 4,
         flip: bool = True,
+        alternate_flip: bool = False,
         cutout_size: int = 0,
         seed: int = 0,
         rank: int = 0,
@@ -109,6 +112,7 @@ class TensorLoader:
         self.train = train
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
+        self.alternate_flip = alternate_flip
         self.cutout_size = cutout_size if train else 0
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
@@ -142,6 +146,9 @@ class TensorLoader:
         dy = torch.randint(0, 2 * pad + 1, (m,), generator=g)
         dx = torch.randint(0, 2 * pad + 1, (m,), generator=g)
         flips = torch.rand(m, generator=g) < 0.5
+        if self.alternate_flip:  # per image, not per position: epoch 1's coin, then flipped each epoch
+            first = torch.rand(len(self.labels), generator=_epoch_generator(self.seed, -1)) < 0.5
+            flips = first[idx] ^ (self.epoch % 2 == 0)
         h, w = self.images.shape[-2:]
         cy = torch.randint(0, h, (m,), generator=g)
         cx = torch.randint(0, w, (m,), generator=g)

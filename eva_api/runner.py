@@ -19,6 +19,7 @@ from .checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_st
 from .config import Config, save_config
 from .data import ImageData, load_data
 from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .ema import EMA
 from .engine import EpochState, History, Precision, evaluate, fit, pick_precision, seed_everything
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
@@ -84,6 +85,8 @@ def build_loaders(data: ImageData, config: Config, dist: DistInfo, device: torch
     per_rank = config.batch_size // dist.world_size
     common = dict(seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     if config.loader == "classic":
+        if config.alternate_flip:
+            raise ConfigError("alternate_flip needs --loader tensor (the classic loader flips through its transforms)")
         transform = classic_transforms(data.mean, data.std, config.augment, config.crop_padding)
         train = ClassicLoader(data.train, transform, per_rank, train=True, num_workers=config.num_workers,
                               pin_memory=device.type == "cuda", **common)
@@ -92,7 +95,8 @@ def build_loaders(data: ImageData, config: Config, dist: DistInfo, device: torch
             raise ConfigError("augment=s8 (rotation, colour jitter) needs --loader classic")
         on = config.augment == "crop_flip"
         train = TensorLoader(data.train, data.mean, data.std, per_rank, train=True, device=device,
-                             crop_padding=config.crop_padding if on else 0, flip=on, cutout_size=config.cutout,
+                             crop_padding=config.crop_padding if on else 0, flip=on,
+                             alternate_flip=on and config.alternate_flip, cutout_size=config.cutout,
                              channels_last=config.channels_last, **common)
     test = TensorLoader(data.test, data.mean, data.std, max(per_rank, 256), train=False, device=device,
                         channels_last=config.channels_last, **common)
@@ -223,6 +227,9 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
             if not dist.is_main:  # the saved sums are rank 0's own: count them once in the all-reduce
                 epoch_state.samples, epoch_state.loss_sum, epoch_state.correct = 0, 0.0, 0
         set_rng_states(ckpt["rng"])
+    ema = EMA(model, config.ema) if config.ema else None
+    if ema is not None and ckpt is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
     train_model = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -244,6 +251,7 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
             return
         save_checkpoint(out / CHECKPOINT, model=model, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                        ema=ema.state_dict() if ema is not None else None,
                         epoch=epochs_done, epoch_state=vars(state) if state else None, history=history.records,
                         config=config.to_dict(), classes=data.classes, mean=data.mean, std=data.std,
                         rng=rng_states(), data_source=data.source)
@@ -256,11 +264,12 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
 
     fit(train_model, train_loader, test_loader, optimizer, epochs=config.epochs,
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), precision=precision,
-        scheduler=scheduler, scaler=scaler, history=history, start_epoch=start_epoch, epoch_state=epoch_state,
+        scheduler=scheduler, scaler=scaler, ema=ema, history=history, start_epoch=start_epoch, epoch_state=epoch_state,
         tta=config.tta, progress=config.progress and dist.is_main, verbose=dist.is_main,
         on_epoch_end=lambda e, h: checkpoint(e, None), on_interrupt=on_interrupt)
 
+    final = ema.module if ema is not None else model  # the weights that were evaluated and are kept
     metrics: dict[str, Any] = {}
     if dist.is_main:
-        metrics = final_report(model, data, history, config, precision, device, out)
-    return RunResult(model, history, data, config, precision, out, metrics)
+        metrics = final_report(final, data, history, config, precision, device, out)
+    return RunResult(final, history, data, config, precision, out, metrics)

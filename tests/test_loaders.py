@@ -110,3 +110,34 @@ def test_config_crop_padding_reaches_the_training_loader(data, kind):
     else:
         crops = [t for t in train.dataset.transform.transforms if isinstance(t, T.RandomCrop)]
         assert [c.padding for c in crops] == [2]
+
+
+def _flipped_per_image(loader, data, epoch):
+    """{sample index: was it flipped} for one epoch of a crop-free training loader."""
+    loader.set_epoch(epoch)
+    order = loader.indices()
+    x = torch.cat([b for b, _ in loader])
+    plain = TensorLoader(data.train, data.mean, data.std, 96, train=False).normalize(data.train.images[order])
+    flipped = torch.isclose(x, plain.flip(3), atol=1e-5).flatten(1).all(1)
+    assert (flipped | torch.isclose(x, plain, atol=1e-5).flatten(1).all(1)).all()  # each is plain or flipped
+    return dict(zip(order.tolist(), flipped.tolist()))
+
+
+def test_alternate_flip_shows_each_image_the_other_way_every_epoch(data):
+    loader = TensorLoader(data.train, data.mean, data.std, 32, train=True, crop_padding=0, alternate_flip=True, seed=5)
+    e1, e2, e3 = (_flipped_per_image(loader, data, e) for e in (1, 2, 3))
+    assert 20 < sum(e1.values()) < 76  # epoch 1: a coin per image
+    assert all(e2[i] != e1[i] and e3[i] == e1[i] for i in e1)
+    plain = TensorLoader(data.train, data.mean, data.std, 32, train=True, crop_padding=0, seed=5)
+    r1, r2 = (_flipped_per_image(plain, data, e) for e in (1, 2))
+    assert sum(r2[i] == r1[i] for i in r1) > 20  # random flips: many images keep their orientation
+
+
+def test_alternate_flip_is_refused_by_the_classic_loader(data):
+    from eva_api import ConfigError, make_config
+    from eva_api.distributed import DistInfo
+    from eva_api.runner import build_loaders
+
+    config = make_config("fast", loader="classic", alternate_flip=True, num_workers=0)
+    with pytest.raises(ConfigError, match="alternate_flip needs --loader tensor"):
+        build_loaders(data, config, DistInfo(), torch.device("cpu"))

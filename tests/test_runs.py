@@ -53,9 +53,8 @@ def test_a_seeded_cpu_run_repeats_exactly(full_run, tmp_path):
     assert strip_times(again.history) == strip_times(result.history)
 
 
-@pytest.mark.parametrize("stop_epoch,stop_batch", [(2, 1), (3, 0)])  # mid-epoch, and at an epoch boundary
-def test_interrupted_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch, stop_epoch, stop_batch):
-    result, _ = full_run
+def interrupted_then_resumed(tmp_path, monkeypatch, stop_epoch, stop_batch, **overrides):
+    """Train 3 epochs with a Ctrl-C at (stop_epoch, stop_batch), check the checkpoint, resume to the end."""
     original = TensorLoader.iter_from
 
     def interrupt(self, start):
@@ -68,13 +67,33 @@ def test_interrupted_then_resumed_matches_an_uninterrupted_run(full_run, tmp_pat
 
     monkeypatch.setattr(TensorLoader, "iter_from", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train(make_config("fast", epochs=3, **TINY), tmp_path)
+        train(make_config("fast", epochs=3, **TINY, **overrides), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == stop_epoch - 1
     assert (ckpt["epoch_state"] or {}).get("batches", 0) == stop_batch
     monkeypatch.setattr(TensorLoader, "iter_from", original)
-    resumed = train(make_config("fast", **TINY), tmp_path, resume=True)
+    return train(make_config("fast", **TINY), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("stop_epoch,stop_batch", [(2, 1), (3, 0)])  # mid-epoch, and at an epoch boundary
+def test_interrupted_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch, stop_epoch, stop_batch):
+    result, _ = full_run
+    resumed = interrupted_then_resumed(tmp_path, monkeypatch, stop_epoch, stop_batch)
     assert strip_times(resumed.history) == strip_times(result.history)
+
+
+def test_ema_run_resumes_exactly_and_keeps_the_averaged_weights(tmp_path, monkeypatch):
+    whole = train(make_config("fast", epochs=3, ema=0.9, **TINY), tmp_path / "whole")
+    raw = [r["test_acc_raw"] for r in whole.history]
+    assert len(raw) == 3 and whole.metrics["final_test_acc"] == pytest.approx(whole.history[-1]["test_acc"])
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, ema=0.9)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    assert [r["test_acc_raw"] for r in resumed.history] == raw
+    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    kept = load_model(tmp_path / "resumed" / "checkpoint.pt", "cpu").state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in ckpt["ema"].items())  # the average, not the last step
+    assert not all(torch.equal(kept[k], v) for k, v in ckpt["model"].items())
+    assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
