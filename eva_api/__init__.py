@@ -7,7 +7,7 @@ from .config import RECIPES, Config, make_config, parse_overrides
 from .data import CIFAR10_CLASSES, ImageData, Split, load_data, make_synthetic
 from .engine import (EpochState, History, Precision, evaluate, fit, format_test_line, pick_device, pick_precision,
                      seed_everything, train_one_epoch, tta_views)
-from .ema import EMA
+from .ema import EMA, Lookahead
 from .errors import CheckpointError, ConfigError, DataError, EvaError, TrainingError
 from .interpret import classification_report, grad_cam, most_confused, top_losses
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CIFAR10_CLASSES", "CheckpointError", "ClassicLoader", "Config", "ConfigError", "DataError", "EMA", "EpochState",
-    "EvaError", "History", "ImageData", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
+    "EvaError", "History", "ImageData", "Lookahead", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
     "Split", "TensorLoader", "TrainingError", "build_loaders", "build_model", "build_optimizer", "build_scheduler",
     "classic_transforms", "classification_report", "confusion_matrix", "count_parameters", "evaluate", "fit", "format_test_line",
     "get_model", "grad_cam", "load_checkpoint", "load_config_data", "load_data", "load_model", "lr_find", "make_config", "make_synthetic", "most_confused", "parse_overrides",

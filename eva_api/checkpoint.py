@@ -2,6 +2,7 @@
 
 Contents: unwrapped model state_dict (no ``module.`` / ``_orig_mod.`` prefixes), optimizer, scheduler,
 scaler, the averaged weights (``ema``, when the config keeps an EMA: ``load_model`` returns those),
+lookahead's slow weights and step (``lookahead``),
 completed epochs, the unfinished epoch's sums (after an interruption), History, config, classes,
 normalization and RNG states. Written atomically (temp file in the same folder + rename):
 a crash mid-write never leaves a half-written file where a good one was.

@@ -49,6 +49,7 @@ class Config:
     wd_on_bn_bias: bool = False
     label_smoothing: float = 0.1
     ema: float = 0.0  # per-step decay of an average of the weights (e.g. 0.99); 0 = off. The average is evaluated and kept
+    lookahead: int = 0  # every this many steps the weights move to a slow average of themselves (airbench: 5); 0 = off
     schedule: str = "onecycle"  # onecycle (linear warm-up, linear decay to 0) | multistep
     warmup_pct: float = 0.25
     start_lr_factor: float = 0.1  # one-cycle starts at lr * this
@@ -157,6 +158,8 @@ def replace(config: Config, **overrides: Any) -> Config:
         raise ConfigError(f"bad value {new.crop_padding!r} for crop_padding: must be in [0, 16]")
     if new.lr <= 0:
         raise ConfigError(f"bad value {new.lr!r} for lr: must be > 0")
+    if new.lookahead < 0:
+        raise ConfigError(f"bad value {new.lookahead!r} for lookahead: must be >= 0 (0 = off)")
     if not 0 <= new.ema < 1:
         raise ConfigError(f"bad value {new.ema!r} for ema: must be in [0, 1) (0 = off)")
     if not 0 <= new.dropout < 1:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import unwrap_model
-from .ema import EMA
+from .ema import EMA, Lookahead
 from .errors import ConfigError, TrainingError
 
 
@@ -158,12 +158,13 @@ def train_one_epoch(
     scheduler=None,
     scaler=None,
     ema: EMA | None = None,
+    lookahead: Lookahead | None = None,
     epoch: int = 1,
     state: EpochState | None = None,
     progress: bool = True,
     log_every: int = 25,
 ) -> dict:
-    """One pass over ``loader``; the scheduler (and ``ema``) step per batch. Returns loss/acc/seconds/lr.
+    """One pass over ``loader``; scheduler, ``lookahead`` and ``ema`` step per batch. Returns loss/acc/seconds/lr.
 
     ``state`` lets an interrupted epoch continue: its batches are skipped and its sums kept. The loss
     is summed on the device and read back only every ``log_every`` batches (a GPU sync per batch
@@ -194,6 +195,8 @@ def train_one_epoch(
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if lookahead is not None:
+                lookahead.update(model)
             if ema is not None:
                 ema.update(model)
             n = y.shape[0]
@@ -216,7 +219,8 @@ def train_one_epoch(
         state.seconds = time.perf_counter() - start
         bar.close()
     if dist_ready():  # BN running stats drift apart after the last step: make every rank hold rank 0's
-        for buf in [*unwrap_model(model).buffers(), *(ema.module.buffers() if ema is not None else ())]:
+        for buf in [*unwrap_model(model).buffers(), *(ema.module.buffers() if ema is not None else ()),
+                    *(lookahead.slow.values() if lookahead is not None else ())]:
             torch.distributed.broadcast(buf, 0)
     loss_total, correct_total, samples = all_reduce_sum([state.loss_sum, state.correct, state.samples], device)
     return {
@@ -394,6 +398,7 @@ def fit(
     scheduler=None,
     scaler=None,
     ema: EMA | None = None,
+    lookahead: Lookahead | None = None,
     history: History | None = None,
     start_epoch: int = 0,
     epoch_state: EpochState | None = None,
@@ -422,7 +427,8 @@ def fit(
             for epoch in range(start_epoch + 1, epochs + 1):
                 train_loader.set_epoch(epoch)
                 tr = train_one_epoch(model, train_loader, optimizer, criterion=criterion, precision=precision,
-                                     scheduler=scheduler, scaler=scaler, ema=ema, epoch=epoch, state=state,
+                                     scheduler=scheduler, scaler=scaler, ema=ema, lookahead=lookahead, epoch=epoch,
+                                     state=state,
                                      progress=progress)
                 te = evaluate(ema.module if ema is not None else model, test_loader, precision=precision, tta=tta)
                 record = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],

@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_st
 from .config import Config, save_config
 from .data import ImageData, load_data
 from .distributed import DistInfo, cleanup_distributed, init_distributed
-from .ema import EMA
+from .ema import EMA, Lookahead
 from .engine import EpochState, History, Precision, evaluate, fit, pick_precision, seed_everything
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
@@ -230,6 +230,9 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
     ema = EMA(model, config.ema) if config.ema else None
     if ema is not None and ckpt is not None and ckpt.get("ema"):
         ema.load_state_dict(ckpt["ema"])
+    lookahead = Lookahead(model, config.lookahead, config.epochs * len(train_loader)) if config.lookahead else None
+    if lookahead is not None and ckpt is not None and ckpt.get("lookahead"):
+        lookahead.load_state_dict(ckpt["lookahead"])
     train_model = model
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
@@ -252,6 +255,7 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
         save_checkpoint(out / CHECKPOINT, model=model, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         ema=ema.state_dict() if ema is not None else None,
+                        lookahead=lookahead.state_dict() if lookahead is not None else None,
                         epoch=epochs_done, epoch_state=vars(state) if state else None, history=history.records,
                         config=config.to_dict(), classes=data.classes, mean=data.mean, std=data.std,
                         rng=rng_states(), data_source=data.source)
@@ -264,7 +268,7 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
 
     fit(train_model, train_loader, test_loader, optimizer, epochs=config.epochs,
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), precision=precision,
-        scheduler=scheduler, scaler=scaler, ema=ema, history=history, start_epoch=start_epoch, epoch_state=epoch_state,
+        scheduler=scheduler, scaler=scaler, ema=ema, lookahead=lookahead, history=history, start_epoch=start_epoch, epoch_state=epoch_state,
         tta=config.tta, progress=config.progress and dist.is_main, verbose=dist.is_main,
         on_epoch_end=lambda e, h: checkpoint(e, None), on_interrupt=on_interrupt)
 

@@ -96,6 +96,17 @@ def test_ema_run_resumes_exactly_and_keeps_the_averaged_weights(tmp_path, monkey
     assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
 
 
+def test_lookahead_run_resumes_exactly_and_ends_on_the_slow_weights(tmp_path, monkeypatch):
+    whole = train(make_config("fast", epochs=3, lookahead=3, **TINY), tmp_path / "whole")
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, lookahead=3)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert ckpt["lookahead"]["steps"] == 3 * 3  # 3 epochs of 96 / 32 batches
+    kept = load_model(tmp_path / "resumed" / "checkpoint.pt", "cpu").state_dict()
+    assert all(torch.equal(kept[k], v.to(kept[k].dtype)) for k, v in ckpt["lookahead"]["slow"].items())
+    assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
+
+
 def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
     _, out = full_run
     before = (out / "checkpoint.pt").read_bytes()
