@@ -428,8 +428,7 @@ def fit(
                 train_loader.set_epoch(epoch)
                 tr = train_one_epoch(model, train_loader, optimizer, criterion=criterion, precision=precision,
                                      scheduler=scheduler, scaler=scaler, ema=ema, lookahead=lookahead, epoch=epoch,
-                                     state=state,
-                                     progress=progress)
+                                     state=state, progress=progress)
                 te = evaluate(ema.module if ema is not None else model, test_loader, precision=precision, tta=tta)
                 record = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                           "test_loss": te["loss"], "test_acc": te["acc"], "train_seconds": tr["seconds"],
