@@ -16,8 +16,9 @@ from torch import nn
 from .checkpoint import unwrap_model
 
 
-def _float_state(model: nn.Module) -> list[torch.Tensor]:
-    return [t for t in model.state_dict().values() if t.is_floating_point()]
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point entries of ``state_dict`` (weights, BN statistics), sharing the module's storage."""
+    return {k: t for k, t in model.state_dict().items() if t.is_floating_point()}
 
 
 class EMA:
@@ -30,11 +31,11 @@ class EMA:
         self.module = copy.deepcopy(unwrap_model(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self._mine = _float_state(self.module)  # state_dict tensors share storage with the module's
+        self._mine = list(_float_state(self.module).values())  # updating these updates the module
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self._mine, _float_state(unwrap_model(model)), 1.0 - self.decay)
+        torch._foreach_lerp_(self._mine, list(_float_state(unwrap_model(model)).values()), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -56,8 +57,7 @@ class Lookahead:
         if every < 1 or total_steps < 1:
             raise ValueError(f"lookahead needs every >= 1 and total_steps >= 1, got {every}, {total_steps}")
         self.every, self.total, self.base, self.steps = every, total_steps, base, 0
-        self.slow = {k: t.detach().clone() for k, t in unwrap_model(model).state_dict().items()
-                     if t.is_floating_point()}
+        self.slow = {k: t.detach().clone() for k, t in _float_state(unwrap_model(model)).items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -67,7 +67,7 @@ class Lookahead:
         if self.steps % self.every and not last:
             return
         decay = 1.0 if last else self.base ** self.every * (self.steps / self.total) ** 3
-        fast = _float_state(unwrap_model(model))
+        fast = list(_float_state(unwrap_model(model)).values())
         slow = list(self.slow.values())
         torch._foreach_lerp_(slow, fast, 1.0 - decay)
         torch._foreach_copy_(fast, slow)
