@@ -13,6 +13,7 @@ from .interpret import classification_report, grad_cam, most_confused, top_losse
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
 from .lr_finder import lr_find
 from .models import ResNet, ResNet18, ResNet34, count_parameters, get_model
+from .optim import Muon
 from .prediction import predict
 from .plots import (confusion_matrix, per_class_accuracy, plot_confusion_matrix, plot_history, plot_misclassified,
                     plot_samples)
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CIFAR10_CLASSES", "CheckpointError", "ClassicLoader", "Config", "ConfigError", "DataError", "EMA", "EpochState",
-    "EvaError", "History", "ImageData", "Lookahead", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
+    "EvaError", "History", "ImageData", "Lookahead", "Muon", "Precision", "RECIPES", "ResNet", "ResNet18", "ResNet34", "RunResult",
     "Split", "TensorLoader", "TrainingError", "build_loaders", "build_model", "build_optimizer", "build_scheduler",
     "classic_transforms", "classification_report", "confusion_matrix", "count_parameters", "evaluate", "fit", "format_test_line",
     "get_model", "grad_cam", "load_checkpoint", "load_config_data", "load_data", "load_model", "lr_find", "make_config", "make_synthetic", "most_confused", "parse_overrides",

@@ -65,8 +65,8 @@ def lr_find(
             for x, y in loader:
                 lr = start_lr * ratio**step
                 for g in optimizer.param_groups:
-                    if not g.get("frozen"):  # a frozen stem (``freeze_stem``) stays at LR 0
-                        g["lr"] = lr
+                    if not g.get("frozen"):  # frozen weights (``freeze_stem``, ``freeze_bn_scale``) stay at LR 0
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
                 x, y = x.to(device), y.to(device)
                 with precision.autocast():
                     loss = criterion(model(x), y)

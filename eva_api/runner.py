@@ -24,6 +24,7 @@ from .engine import EpochState, History, Precision, evaluate, fit, pick_precisio
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms
 from .models import count_parameters, get_model
+from .optim import Muon
 from .whitening import first_conv, whiten_stem_
 from . import plots
 
@@ -53,23 +54,43 @@ class LRSchedule:
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """SGD; BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``.
+    """SGD (or, with ``optimizer=muon``, Muon for the conv filters and SGD for the rest: ``eva_api.optim``).
 
-    With ``freeze_stem`` the stem conv's weight sits in a last group of its own with LR 0 and no weight
-    decay (marked ``frozen`` for the LR finder; the schedule only scales that 0): it keeps its initial
-    values but stays a parameter, so counts, checkpoints and DDP see the same model either way."""
-    stem = first_conv(model).weight if config.freeze_stem else None
-    decay, no_decay = [], []
+    BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``. ``bn_bias_lr`` multiplies
+    the LR of the BatchNorm biases (their own group). Groups whose LR is not ``lr`` say by how much
+    (``lr_scale``, for the LR finder). Frozen weights sit in a last group of their own with LR 0 and no
+    weight decay (marked ``frozen``; the schedule only scales that 0): the stem conv's with
+    ``freeze_stem``, the BN scales with ``freeze_bn_scale``. They keep their initial values but stay
+    parameters, so counts, checkpoints and DDP see the same model either way."""
+    frozen = [first_conv(model).weight] if config.freeze_stem else []
+    bn_biases = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            frozen += [module.weight] if config.freeze_bn_scale else []
+            bn_biases += [module.bias] if config.bn_bias_lr != 1 else []
+    special = {id(p) for p in frozen + bn_biases}
+    filters, decay, no_decay = [], [], []
     for p in model.parameters():
-        if p.requires_grad and p is not stem:
-            (no_decay if p.ndim <= 1 and not config.wd_on_bn_bias else decay).append(p)
+        if p.requires_grad and id(p) not in special:
+            if config.optimizer == "muon" and p.ndim == 4:
+                filters.append(p)
+            else:
+                (no_decay if p.ndim <= 1 and not config.wd_on_bn_bias else decay).append(p)
+    lr = config.effective_lr()
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    if stem is not None:
-        groups.append({"params": [stem], "weight_decay": 0.0, "lr": 0.0, "frozen": True})
-    return torch.optim.SGD(groups, lr=config.effective_lr(), momentum=config.momentum,
-                           nesterov=config.nesterov and config.momentum > 0)
+    if bn_biases:
+        groups.append({"params": bn_biases, "weight_decay": config.weight_decay if config.wd_on_bn_bias else 0.0,
+                       "lr": lr * config.bn_bias_lr, "lr_scale": config.bn_bias_lr})
+    if filters:
+        groups.append({"params": filters, "orthogonal": True, "weight_decay": 0.0, "lr": config.muon_lr,
+                       "lr_scale": config.muon_lr / lr, "momentum": config.muon_momentum, "nesterov": True})
+    if frozen:
+        groups.append({"params": frozen, "weight_decay": 0.0, "lr": 0.0, "frozen": True})
+    if config.optimizer == "muon":
+        return Muon(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):

@@ -108,6 +108,40 @@ def test_one_cycle_and_multistep_schedules():
     assert ms(139) == 1.0 and ms(140) == pytest.approx(0.1) and ms(180) == pytest.approx(0.01)
 
 
+def test_frozen_bn_scales_and_a_higher_bn_bias_lr_in_training_and_in_the_lr_finder():
+    from eva_api import build_optimizer, build_scheduler, count_parameters, get_model, make_config
+    from eva_api.lr_finder import lr_find
+
+    torch.manual_seed(0)
+    model = get_model("resnet18")
+    config = make_config("fast", optimizer="sgd", freeze_bn_scale=True, bn_bias_lr=8.0, lr=0.5, momentum=0.0)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=2)
+    bn = model.bn1
+    bias_group = next(g for g in optimizer.param_groups if g.get("lr_scale"))
+    assert any(p is bn.bias for p in bias_group["params"]) and bias_group["weight_decay"] == 0
+    assert bias_group["lr"] == pytest.approx(8 * optimizer.param_groups[0]["lr"])
+    data = make_synthetic(8, 4)
+    x, y = data.train.images.float() / 255, data.train.labels
+    bias = bn.bias.detach().clone()
+    optimizer.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad, lr = bn.bias.grad.clone(), bias_group["lr"]
+    optimizer.step()
+    scheduler.step()
+    assert torch.allclose(bn.bias, bias - lr * grad)  # plain SGD (momentum 0) at 8x the LR
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))
+    assert count_parameters(model) == 11_173_962  # frozen by the optimizer, still parameters
+
+    seen = []
+    step = optimizer.step
+    optimizer.step = lambda: (seen.append([g["lr"] for g in optimizer.param_groups]), step())
+    result = lr_find(model, ListLoader([(x, y)] * 3), optimizer, steps=3, start_lr=1e-3, end_lr=1e-1)
+    for lrs, base in zip(seen, result.lrs):  # the sweep keeps the multiplier and the frozen LR 0
+        assert lrs == [base, base, pytest.approx(8 * base), 0.0]
+
+
 def test_seeded_cpu_runs_repeat_exactly():
     def run():
         seed_everything(5)

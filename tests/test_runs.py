@@ -107,6 +107,16 @@ def test_lookahead_run_resumes_exactly_and_ends_on_the_slow_weights(tmp_path, mo
     assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
 
 
+def test_sgd_run_with_frozen_bn_scales_resumes_exactly(full_run, tmp_path, monkeypatch):
+    # the other resume tests run the fast recipe's Muon; this one the plain SGD path and the BN options
+    other = dict(optimizer="sgd", freeze_bn_scale=True, bn_bias_lr=4.0)
+    whole = train(make_config("fast", epochs=3, **other, **TINY), tmp_path / "whole")
+    assert strip_times(whole.history) != strip_times(full_run[0].history)  # the options took effect
+    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, **other)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    assert "momentum_buffer" in next(iter(load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["optimizer"]["state"].values()))
+
+
 def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
     _, out = full_run
     before = (out / "checkpoint.pt").read_bytes()
