@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim.sgd import sgd
 
 # Quintic Newton-Schulz coefficients from Muon: they maximise the slope at zero, so three steps suffice.
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -33,8 +34,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with momentum (as ``torch.optim.SGD``: dampening 0, optional Nesterov, L2 weight decay) for every
-    group, except that groups with ``orthogonal=True`` take Muon steps: weight rescaled to norm
+    """``torch.optim.SGD``'s step (its functional ``sgd``: momentum, optional Nesterov, L2 weight decay) for
+    every group, except that groups with ``orthogonal=True`` take Muon steps: weight rescaled to norm
     sqrt(rows), then ``lr`` times the orthogonalized (Nesterov) momentum of the gradient (no weight decay)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
@@ -48,23 +49,29 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, orthogonal = group["lr"], group["momentum"], group["orthogonal"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"] and not orthogonal:
-                    g = g.add(p, alpha=group["weight_decay"])
-                if momentum:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = g.clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(g)
-                    buf = state["momentum_buffer"]
-                    g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-                if orthogonal:
-                    p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
-                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
-                p.add_(g, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            bufs = [self.state[p].get("momentum_buffer") for p in params]  # both steps fill in the missing ones
+            if group["orthogonal"]:
+                _muon(params, bufs, group["lr"], group["momentum"], group["nesterov"])
+            else:
+                sgd(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
+                    momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
+                    maximize=False)
+            if group["momentum"]:
+                for p, buf in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def _muon(params: list[torch.Tensor], bufs: list[torch.Tensor | None], lr: float, momentum: float,
+          nesterov: bool) -> None:
+    for i, p in enumerate(params):
+        g = p.grad
+        if momentum:
+            if bufs[i] is None:
+                bufs[i] = g.clone()
+            else:
+                bufs[i].mul_(momentum).add_(g)
+            g = g.add(bufs[i], alpha=momentum) if nesterov else bufs[i]
+        p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
+        p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-lr)
