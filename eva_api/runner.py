@@ -88,9 +88,8 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
                        "lr_scale": config.muon_lr / lr, "momentum": config.muon_momentum, "nesterov": True})
     if frozen:
         groups.append({"params": frozen, "weight_decay": 0.0, "lr": 0.0, "frozen": True})
-    if config.optimizer == "muon":
-        return Muon(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
-    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    kind = Muon if config.optimizer == "muon" else torch.optim.SGD
+    return kind(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
