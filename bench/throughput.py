@@ -4,6 +4,8 @@
     python bench/throughput.py --quick    # under a minute: few steps, real model, synthetic data
 
 (a) classic: torchvision DataLoader + PIL transforms (4-px crop + flip), 2 workers, fp32, NCHW;
+    ``--device cuda`` runs the same table on a GPU (auto precision: bf16 from compute capability 8.0,
+    fp16 below);
 (b) fast: in-memory uint8 batches augmented per batch (eva_api.TensorLoader), bf16 autocast where the
     device supports it, channels_last.
 Also each optimization on its own over the classic path (bf16, channels_last, batched augmentation)
@@ -23,9 +25,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from eva_api import ClassicLoader, ResNet18, TensorLoader, classic_transforms, pick_device, pick_precision  # noqa: E402
+from eva_api import (ClassicLoader, Precision, ResNet18, TensorLoader, classic_transforms, pick_device,  # noqa: E402
+                     pick_precision)
 from eva_api.data import Split, channel_stats  # noqa: E402
-from eva_api.engine import Precision  # noqa: E402
+from eva_api.runtime import configure_backends  # noqa: E402
 
 GFLOP_PER_TRAIN_IMAGE = 3.3  # ~0.56 GMAC forward x 2 FLOP/MAC x 3 (forward + backward)
 
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     warmup = 1 if args.quick else 2
     n_eval = args.eval_images or (1000 if args.quick else 10000)
     device = pick_device(args.device)
+    configure_backends(device)
     bf16 = pick_precision(device, "auto")
     fp32 = Precision(device.type, None)
     bs = args.batch_size
@@ -113,8 +117,8 @@ def main(argv=None) -> int:
     mean, std = channel_stats(split.images)
 
     def classic():
-        return ClassicLoader(split, classic_transforms(mean, std, "crop_flip"), bs, train=True, num_workers=2,
-                             pin_memory=device.type == "cuda")
+        return ClassicLoader(split, classic_transforms("crop_flip"), bs, mean=mean, std=std, train=True,
+                             num_workers=2, device=device)
 
     def tensor(cl: bool):
         return TensorLoader(split, mean, std, bs, train=True, device=device, channels_last=cl)

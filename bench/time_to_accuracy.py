@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from eva_api import TensorLoader, evaluate, make_config, parse_overrides, train
+from eva_api import eval_loader, evaluate, make_config, parse_overrides, train
 
 
 def reach(records: list[dict], threshold: float, key: str) -> dict | None:
@@ -55,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(extra)  # any config field: --epochs 4 --lr 0.2 ...
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"recipe": args.recipe, "data": args.data, "overrides": overrides, "machine": platform.processor()
-               or platform.machine(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+    summary = {"recipe": args.recipe, "data": args.data, "overrides": overrides, "machine": (torch.cuda.get_device_name()
+               if torch.cuda.is_available() else platform.processor() or platform.machine()), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "runs": []}
     for seed in args.seeds:
         config = make_config(args.recipe, dataset=args.dataset, data=args.data, seed=seed, tta=True, **overrides)
         result = train(config, out / f"seed{seed}")
         recs = result.history.records
-        test = TensorLoader(result.data.test, result.data.mean, result.data.std, 256, train=False,
-                            device=next(result.model.parameters()).device, channels_last=config.channels_last)
+        test = eval_loader(result.data.test, result.data.mean, result.data.std, next(result.model.parameters()).device,
+                           channels_last=config.channels_last)
         final = evaluate(result.model, test, precision=result.precision, tta=args.final_tta, all_reduce=False)
         run = {"seed": seed, "epochs": recs, "final_test_acc": recs[-1]["test_acc"],
                "final_test_acc_tta": recs[-1].get("test_acc_tta"), "final_tta": args.final_tta,
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         summary["runs"].append(run)
         print(f"\nseed {seed}: " + " | ".join(
             f"ep{r['epoch']} {r['train_seconds']:.0f}s acc {r['test_acc']:.2f} tta {r.get('test_acc_tta', float('nan')):.2f}"
-            + (f" (no EMA {r['test_acc_raw']:.2f})" if "test_acc_raw" in r else "")
             for r in recs) + f" | final, {args.final_tta} TTA: {final['acc_tta']:.2f}", flush=True)
         runs = summary["runs"]
         summary["final_test_acc"] = mean_std([r["final_test_acc"] for r in runs])

@@ -1,16 +1,20 @@
 """Checkpoints: one file with everything needed to resume exactly or to load a ready-to-eval model.
 
-Contents: unwrapped model state_dict (no ``module.`` / ``_orig_mod.`` prefixes), optimizer, scheduler,
-scaler, the averaged weights (``ema``, when the config keeps an EMA: ``load_model`` returns those),
-lookahead's slow weights and step (``lookahead``),
-completed epochs, the unfinished epoch's sums (after an interruption), History, config, classes,
-normalization and RNG states. Written atomically (temp file in the same folder + rename):
-a crash mid-write never leaves a half-written file where a good one was.
+Contents: unwrapped model state_dict (no ``module.`` / ``_orig_mod.`` prefixes), optimizer, scheduler and
+scaler states, completed epochs, the unfinished epoch's sums (after an interruption), the world size,
+History, config, classes, normalization and every rank's RNG states: tensors and plain values only,
+so a checkpoint loads with ``torch.load(weights_only=True)`` and a file that would need arbitrary
+unpickling (code) is refused before any of it runs.
+
+Writes are durable: temp file in the same folder, fsync, rename over the old file, fsync of the folder.
+A crash, a full disk or a second Ctrl-C mid-write leaves the previous checkpoint in place and loadable.
+A run folder is locked while a run writes into it (:class:`RunLock`).
 """
 from __future__ import annotations
 
+import errno
 import os
-import random
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,64 +23,73 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .models import get_model, strip_prefixes, unwrap_model
+from .runtime import pick_device
 
-FORMAT_VERSION = 1
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        states["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if "numpy" in states:
-        import numpy as np
-
-        np.random.set_state(states["numpy"])
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
+FORMAT_VERSION = 2  # 2: weights_only-safe contents (RNG states as tensors), world_size, per-rank RNG
 
 
 def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
-    """Atomically write ``payload`` (plus format version) to ``path``; ``model`` may be a module."""
+    """Durably write ``payload`` (plus format version) to ``path``; ``model`` may be a module.
+
+    A failure (full disk, unwritable folder) raises :class:`CheckpointError` and leaves any previous
+    file at ``path`` untouched."""
     path = Path(path)
     if isinstance(payload.get("model"), nn.Module):
         payload["model"] = unwrap_model(payload["model"]).state_dict()
     payload["format_version"] = FORMAT_VERSION
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(payload, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        raise CheckpointError(f"{path}: could not write the checkpoint ({reason}); "
+                              f"the previous checkpoint, if any, is unchanged") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and sanity-check a checkpoint; a missing, truncated or foreign file raises CheckpointError."""
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut (POSIX; Windows has no directory fsync)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    trust: bool = False) -> dict[str, Any]:
+    """Read and sanity-check a checkpoint: a missing, empty, truncated, foreign or unsafe file raises
+    :class:`CheckpointError` with one line.
+
+    Loading is ``weights_only``: tensors and plain values only, so no code stored in the file can run.
+    ``trust=True`` (``--trust-checkpoint``) also reads files that need full unpickling, such as those of
+    eva_api before format 2; only for files you made yourself: unpickling can run any code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (not a checkpoint)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (UnpicklingError)") from None
+        raise CheckpointError(
+            f"{path}: refused: loading it needs arbitrary unpickling, which can run code stored in the file "
+            f"(an eva_api checkpoint before format 2, or not an eva_api file). Nothing in it was run. If you "
+            f"wrote it yourself, pass --trust-checkpoint (load_checkpoint(..., trust=True)) to read it") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, ModuleNotFoundError, AttributeError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
     except Exception as e:  # unpickling garbage can raise almost anything
@@ -88,35 +101,80 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop ``module.`` / ``_orig_mod.`` prefixes so any saved state loads into a plain model."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None, trust: bool = False) -> nn.Module:
     """A ready-to-eval model from a checkpoint, on ``device`` (default: the best available).
 
-    The returned module carries ``classes``, ``mean`` and ``std`` attributes for prediction.
-    """
+    The returned module carries ``classes``, ``mean``, ``std`` and ``config`` attributes for prediction and
+    evaluation."""
     from .config import Config
-    from .engine import pick_device
-    from .models import get_model
 
     device = pick_device(str(device)) if device is not None else pick_device("auto")
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt = load_checkpoint(path, map_location=device, trust=trust)
     config = Config.from_dict(ckpt["config"])
     classes = ckpt.get("classes") or [str(i) for i in range(10)]
     model = get_model(config.model, num_classes=len(classes), dropout=config.dropout)
     try:
-        model.load_state_dict(strip_prefixes(ckpt.get("ema") or ckpt["model"]))  # the EMA when trained with one
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {config.model} ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
     model.classes, model.mean, model.std = list(classes), tuple(ckpt["mean"]), tuple(ckpt["std"])
+    model.config = config
     return model
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock`` inside it), held while a run writes there.
+
+    The operating system releases it when the process ends, however it ends, so a lock left by a killed
+    run never blocks the next one. Where file locks are unavailable it is a no-op."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".lock"
+        self._file = None
+        self._made: list[Path] = []
+
+    def acquire(self) -> "RunLock":
+        folder = self.path.parent.absolute()
+        self._made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # Windows: no fcntl
+            self._file = f
+            return self
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise CheckpointError(f"{self.path.parent}: a run is already writing into this folder ({owner}); "
+                                  f"wait for it or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+            if self._made and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                self.path.unlink()  # a run that failed before writing anything leaves no empty folders
+                for folder in self._made:
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_model", "save_checkpoint"]

@@ -1,7 +1,7 @@
-"""Command line: ``python -m eva_api {train,evaluate,summary,predict,interpret,lr-find} ...``.
+"""Command line: ``python -m eva_api {train,evaluate,summary,predict,interpret,lr-find,doctor} ...``.
 
-Bad input (a path, a flag, a value, a corrupt file) ends with one ``error: ...`` line and exit code 2,
-never a traceback; Ctrl-C during training saves a checkpoint and exits with 130.
+Bad input (a path, a flag, a value, a corrupt or untrusted file) ends with one ``error: ...`` line and exit
+code 2, never a traceback; Ctrl-C or SIGTERM during training saves a checkpoint and exits with 130.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EvaError
+from .errors import ConfigError, EvaError
 
 
 def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,14 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
     p.add_argument("--no-download", dest="download", action="store_false", help="never try to download")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: by device)")
+    _add_trust_arg(p)
+
+
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="also read checkpoints that need full unpickling (eva_api before format 2); this can run "
+                        "code stored in the file: only for files you made yourself")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", **sub_kw, help="train a model; any config field is an option (--epochs 5 --lr 0.05)",
                        description="Train. Besides the options below, every config field is accepted as "
                                    f"--key value: {', '.join(f.replace('_', '-') for f in Config.__dataclass_fields__)}")
-    t.add_argument("--recipe", default="fast", help=f"one of: {', '.join(RECIPES)}")
+    t.add_argument("--recipe", default=None, help=f"one of: {', '.join(RECIPES)} (default fast)")
     t.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out (or from CHECKPOINT)")
+                   help="continue the run in --out (or from CHECKPOINT) with its saved settings; only "
+                        "runtime options (--data, --device, --num-workers, --no-progress, ...) may be changed")
+    _add_trust_arg(t)
 
     e = sub.add_parser("evaluate", **sub_kw, help="test accuracy of a checkpoint")
     _add_eval_data_args(e)
@@ -51,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (any size or mode)")
     p.add_argument("--device", default="auto")
     p.add_argument("--top", type=int, default=3)
+    _add_trust_arg(p)
 
     i = sub.add_parser("interpret", **sub_kw, help="Grad-CAM, top losses, confusion matrix and per-class report")
     _add_eval_data_args(i)
@@ -64,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--steps", type=int, default=200)
     lr.add_argument("--start-lr", type=float, default=1e-5)
     lr.add_argument("--end-lr", type=float, default=10.0)
+
+    d = sub.add_parser("doctor", **sub_kw, help="check this machine: versions, device, precision, a short real run")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--quick", action="store_true", help="versions, device and precision only (no training steps)")
     return ap
 
 
@@ -74,11 +88,18 @@ def _config_from(recipe: str, extra: list[str]):
 
 
 def cmd_train(args, extra: list[str]) -> int:
-    from .runner import train
+    from .config import parse_overrides
+    from .runner import CHECKPOINT, resume_config, train
 
-    config = _config_from(args.recipe, extra)
+    if args.resume:
+        if args.out is None and args.resume is True:
+            raise ConfigError("--resume needs --out (the run folder) or a checkpoint path")
+        ckpt = Path(args.out) / CHECKPOINT if args.resume is True else Path(args.resume)
+        config = resume_config(ckpt, parse_overrides(extra), recipe=args.recipe, trust=args.trust_checkpoint)
+    else:
+        config = _config_from(args.recipe or "fast", extra)
     out = Path(args.out or f"runs/{config.recipe}")
-    result = train(config, out, resume=args.resume)
+    result = train(config, out, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     if result.metrics:
         m = result.metrics
         tta = f" (flip TTA {m['final_test_acc_tta']:.2f}%)" if m.get("final_test_acc_tta") is not None else ""
@@ -87,40 +108,35 @@ def cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
-def _eval_loader(args, model, ckpt_config):
+def _checkpoint_and_test_data(args):
+    """The checkpoint's model and the test split it is to be judged on (normalized with the training stats)."""
+    from .checkpoint import load_model
     from .config import replace
-    from .loaders import TensorLoader
+    from .errors import DataError
+    from .loaders import eval_loader
     from .runner import load_config_data
 
-    config = replace(ckpt_config, dataset=args.dataset, data=args.data, download=args.download)
-    data = load_config_data(config)
+    model = load_model(args.checkpoint, args.device, trust=args.trust_checkpoint)
+    data = load_config_data(replace(model.config, dataset=args.dataset, data=args.data, download=args.download))
     if len(data.classes) != len(model.classes):
-        from .errors import DataError
-
         raise DataError(f"{args.data}: {len(data.classes)} classes, but the checkpoint was trained on {len(model.classes)}")
     device = next(model.parameters()).device
-    # normalize with the *training* statistics stored in the checkpoint
-    return data, TensorLoader(data.test, model.mean, model.std, args.batch_size, train=False, device=device)
+    return model, data, eval_loader(data.test, model.mean, model.std, device, args.batch_size)
 
 
-def _load(args):
-    from .checkpoint import load_checkpoint, load_model
-    from .config import Config
-
-    model = load_model(args.checkpoint, args.device)
-    config = Config.from_dict(load_checkpoint(args.checkpoint)["config"])
-    return model, config
+def _data_line(data) -> str:
+    return f"{'SYNTHETIC data' if data.synthetic else 'data'}: {data.source}"
 
 
 def cmd_evaluate(args) -> int:
-    from .engine import evaluate, format_test_line, pick_precision
+    from .engine import evaluate, format_test_line
+    from .runtime import pick_precision
 
-    model, config = _load(args)
-    data, loader = _eval_loader(args, model, config)
+    model, data, loader = _checkpoint_and_test_data(args)
     device = next(model.parameters()).device
-    metrics = evaluate(model, loader, precision=pick_precision(device, config.precision),
+    metrics = evaluate(model, loader, precision=pick_precision(device, model.config.precision),
                        tta=False if args.tta == "none" else args.tta)
-    print(f"{'SYNTHETIC data' if data.synthetic else 'data'}: {data.source}")
+    print(_data_line(data))
     print(format_test_line(metrics))
     return 0
 
@@ -139,87 +155,53 @@ def cmd_predict(args) -> int:
     from .checkpoint import load_model
     from .prediction import predict
 
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, trust=args.trust_checkpoint)
     for path, top in zip(args.images, predict(model, args.images, top=args.top)):
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
     return 0
 
 
 def cmd_interpret(args) -> int:
-    import json
+    from .engine import evaluate
+    from .interpret import interpret_predictions
+    from .metrics import format_report
+    from .runtime import pick_precision
 
-    import matplotlib.pyplot as plt
-
-    from . import interpret, plots
-    from .engine import evaluate, pick_precision
-
-    model, config = _load(args)
-    data, loader = _eval_loader(args, model, config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    model, data, loader = _checkpoint_and_test_data(args)
     device = next(model.parameters()).device
-    ev = evaluate(model, loader, precision=pick_precision(device, config.precision), tta="flip", return_outputs=True)
-    logits, labels = ev["logits"], ev["labels"]
-    preds = logits.argmax(1)
-    classes = model.classes
-    cm = plots.confusion_matrix(labels, preds, len(classes))
-    figs = [plots.plot_confusion_matrix(cm, classes, save=out / "confusion_matrix.png")]
-    wrong = plots.misclassified(data.test.images, labels, preds, n=args.n)
-    if len(wrong):
-        figs.append(interpret.plot_gradcam_pairs(model, data.test.images[wrong], labels[wrong], classes, model.mean,
-                                                 model.std, save=out / "gradcam_misclassified.png"))
-    for c in range(len(classes)):
-        idx = (labels == c).nonzero().flatten()[:8]
-        if len(idx):
-            figs.append(interpret.plot_gradcam_class(model, data.test.images[idx], c, classes, model.mean, model.std,
-                                                     save=out / f"gradcam_class_{classes[c]}.png"))
-    tops = interpret.top_losses(logits, labels, classes, k=args.n)
-    figs.append(plots.image_grid(data.test.images[[t.index for t in tops]],
-                                 [f"{t.actual} -> {t.predicted}\nloss {t.loss:.2f} p {t.probability:.2f}" for t in tops],
-                                 ncols=4, save=out / "top_losses.png", suptitle="Top losses (actual -> predicted)"))
-    for f in figs:
-        plt.close(f)
-    report = interpret.classification_report(cm, classes)
-    (out / "report.txt").write_text(interpret.format_report(report) + "\n")
-    (out / "report.json").write_text(json.dumps(
-        {"report": report, "accuracy": ev["acc"], "accuracy_flip_tta": ev["acc_tta"], "data_source": data.source,
-         "most_confused": interpret.most_confused(cm, classes)[:10],
-         "top_losses": [vars(t) for t in tops]}, indent=2))
-    print(f"{'SYNTHETIC data' if data.synthetic else 'data'}: {data.source}")
+    ev = evaluate(model, loader, precision=pick_precision(device, model.config.precision), tta="flip",
+                  return_outputs=True)
+    report = interpret_predictions(model, data.test.images, ev["logits"], ev["labels"], args.out, n=args.n)
+    print(_data_line(data))
     print(f"accuracy {ev['acc']:.2f}% (flip TTA {ev['acc_tta']:.2f}%)")
-    print(interpret.format_report(report))
+    print(format_report(report["report"]))
     print("most confused (actual -> predicted, count): "
-          + "; ".join(f"{a} -> {p} {n}" for a, p, n in interpret.most_confused(cm, classes)[:5]))
-    print(f"figures and report in {out}/")
+          + "; ".join(f"{a} -> {p} {n}" for a, p, n in report["most_confused"][:5]))
+    print(f"figures and report in {args.out}/")
     return 0
 
 
 def cmd_lr_find(args, extra: list[str]) -> int:
     import matplotlib.pyplot as plt
 
-    from .distributed import DistInfo
-    from .engine import pick_device, pick_precision, seed_everything
     from .lr_finder import lr_find
-    from .runner import build_loaders, build_model, build_optimizer, load_config_data
+    from .runner import prepare
 
-    config = _config_from(args.recipe, extra)
-    seed_everything(config.seed)
-    device = pick_device(config.device)
-    data = load_config_data(config)
-    model = build_model(config, len(data.classes), device, whiten_from=data)
-    train_loader, _ = build_loaders(data, config, DistInfo(device=device), device)
-    optimizer = build_optimizer(model, config)
-    import torch.nn as nn
-
-    result = lr_find(model, train_loader, optimizer, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-                     start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
-                     precision=pick_precision(device, config.precision))
+    setup = prepare(_config_from(args.recipe, extra))
+    result = lr_find(setup.model, setup.train_loader, setup.stepper.optimizer, setup.criterion(),
+                     start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, precision=setup.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plt.close(result.plot(save=out / "lr_find.png"))
-    print(f"{'SYNTHETIC data' if data.synthetic else 'data'}: {data.source}")
+    print(_data_line(setup.data))
     print(f"suggested lr: {result.suggestion:.4g} (steepest descent of the smoothed loss; plot: {out / 'lr_find.png'})")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import doctor
+
+    return doctor(args.device, quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(args)
         if args.command == "interpret":
             return cmd_interpret(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         return cmd_lr_find(args, extra)
     except EvaError as e:
         print(f"error: {e}", file=sys.stderr)

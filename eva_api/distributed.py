@@ -8,10 +8,11 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
-from .engine import pick_device
+from .runtime import pick_device
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,42 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> Dis
 
 
 def cleanup_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist_ready():
         torch.distributed.destroy_process_group()
 
 
+def dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Wait for every rank (no-op in a single process)."""
+    if dist_ready():
         torch.distributed.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (identity in a single process)."""
+    if not dist_ready():
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on at least one (so all ranks stop at the same step)."""
+    if not dist_ready():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    if not dist_ready():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

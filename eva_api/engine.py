@@ -4,17 +4,21 @@
 style logs and calls back at each epoch end (the runner saves checkpoints there). Averages are taken
 over samples: per-batch sums are added up and divided by the number of samples at the end, never an
 average of batch means. Under DDP the sums are all-reduced, so every rank reports the same numbers.
+
+Interruptions: during ``fit`` SIGINT (Ctrl-C) and SIGTERM only set a flag (:class:`StopRequest`); the
+training loop looks at it between optimizer steps, so the state it hands to ``on_interrupt`` is always
+one that the uninterrupted run also passed through.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import signal
 import sys
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -22,104 +26,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import unwrap_model
-from .ema import EMA, Lookahead
+from .distributed import all_reduce_sum, any_rank, dist_ready
 from .errors import ConfigError, TrainingError
+from .models import unwrap_model
+from .optim import Stepper
+from .runtime import Precision
 
 
-# --------------------------------------------------------------------------- device, precision, seed
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda, then mps, then cpu. Anything else is taken literally (and checked)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"bad device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    return device
+class Interrupted(KeyboardInterrupt):
+    """Training stopped at a clean step boundary because of a signal (or :meth:`StopRequest.request`)."""
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+class StopRequest:
+    """A flag that SIGINT / SIGTERM set while :meth:`installed` is active (a second signal, e.g. during the
+    checkpoint write, only sets it again). ``check`` is where the loop asks; under DDP every rank gets the
+    same answer, so all stop at the same step."""
 
+    def __init__(self) -> None:
+        self.signum: int | None = None
 
-@dataclass(frozen=True)
-class Precision:
-    """Autocast settings for one device: ``dtype`` None means full fp32."""
+    def request(self, signum: int = signal.SIGINT, frame=None) -> None:
+        self.signum = signum
 
-    device_type: str
-    dtype: torch.dtype | None
+    def check(self, device: torch.device) -> bool:
+        return any_rank(self.signum is not None, device) if dist_ready() else self.signum is not None
 
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-    def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def make_scaler(self):
-        """fp16 needs loss scaling; bf16 and fp32 do not."""
-        if self.dtype is torch.float16:
-            return torch.amp.GradScaler(self.device_type)
-        return None
-
-
-def pick_precision(device: torch.device, name: str = "auto") -> Precision:
-    """``auto``: bf16 on CUDA that supports it (else fp16), bf16 on CPUs with AVX512-BF16/AMX, else fp32."""
-    kind = device.type
-    if name == "auto":
-        if kind == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif kind == "cpu":
-            name = "bf16" if cpu_has_bf16() else "fp32"
-        else:
-            name = "fp32"
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise ConfigError(f"bad precision {name!r}; choose auto, bf16, fp16 or fp32")
-    if name == "fp16" and kind == "cpu":
-        raise ConfigError("fp16 autocast is for GPUs; use --precision bf16 or fp32 on a CPU")
-    return Precision(kind, dtypes[name])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices): a CPU run with the same seed repeats exactly."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------ distributed
-def dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (identity in a single process)."""
-    if not dist_ready():
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------- loops
@@ -132,6 +74,7 @@ class EpochState:
     loss_sum: float = 0.0
     correct: int = 0
     seconds: float = 0.0
+    skipped: int = 0  # fp16 steps the GradScaler skipped (gradients overflowed)
 
 
 def course_desc(loss: float, batch_id: int, acc: float) -> str:
@@ -151,54 +94,51 @@ def _progress_bar(total: int, initial: int, enabled: bool, epoch: int):
 def train_one_epoch(
     model: nn.Module,
     loader,
-    optimizer: torch.optim.Optimizer,
+    stepper: Stepper | torch.optim.Optimizer,
     *,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     precision: Precision,
-    scheduler=None,
-    scaler=None,
-    ema: EMA | None = None,
-    lookahead: Lookahead | None = None,
     epoch: int = 1,
     state: EpochState | None = None,
     progress: bool = True,
     log_every: int = 25,
+    stop: StopRequest | None = None,
 ) -> dict:
-    """One pass over ``loader``; scheduler, ``lookahead`` and ``ema`` step per batch. Returns loss/acc/seconds/lr.
+    """One pass over ``loader``, one ``stepper.step(loss)`` per batch. Returns loss/acc/samples/seconds/lr/skipped.
 
     ``state`` lets an interrupted epoch continue: its batches are skipped and its sums kept. The loss
     is summed on the device and read back only every ``log_every`` batches (a GPU sync per batch
     would cost throughput); a NaN or infinite loss stops training with a :class:`TrainingError`.
+    ``stop`` is looked at between steps (every ``log_every`` under DDP, where asking is a collective);
+    when set, :class:`Interrupted` is raised with ``state`` holding exactly the finished steps.
     """
+    stepper = stepper if isinstance(stepper, Stepper) else Stepper(stepper)
     state = state if state is not None else EpochState()
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    base = (state.loss_sum, state.correct, state.samples)
+    skipped_before = stepper.skipped
+    base = (state.loss_sum, state.correct, state.skipped)
     total = len(loader)
+    check_every = log_every if dist_ready() else 1
+
+    def sync_state() -> None:
+        state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())
+        if stepper.skipped is not None:
+            state.skipped = base[2] + int(stepper.skipped - (0 if skipped_before is None else skipped_before))
+
     bar = _progress_bar(total, state.batches, progress, epoch)
     start = time.perf_counter() - state.seconds
     try:
+        if stop is not None and stop.check(device):
+            raise Interrupted
         for x, y in loader.iter_from(state.batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with precision.autocast():
                 logits = model(x)
                 loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if lookahead is not None:
-                lookahead.update(model)
-            if ema is not None:
-                ema.update(model)
+            stepper.step(loss)
             n = y.shape[0]
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
@@ -206,21 +146,22 @@ def train_one_epoch(
             state.samples += n
             bar.update(1)
             if state.batches % log_every == 0 or state.batches == total:
-                state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())
+                sync_state()
                 if not math.isfinite(state.loss_sum):
                     raise TrainingError(
                         f"loss became {state.loss_sum} in epoch {epoch} by batch {state.batches} "
-                        f"(lr={optimizer.param_groups[0]['lr']:.4g}); lower --lr or use --precision fp32")
+                        f"(lr={stepper.lr:.4g}); lower --lr or use --precision fp32")
                 bar.set_description(course_desc(state.loss_sum / state.samples, state.batches - 1,
                                                 100.0 * state.correct / state.samples), refresh=False)
+            if stop is not None and state.batches % check_every == 0 and state.batches < total and stop.check(device):
+                raise Interrupted
     finally:
-        # an interruption keeps everything up to the last finished batch
-        state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())
+        # whatever ends the loop, the state holds everything up to the last finished step
+        sync_state()
         state.seconds = time.perf_counter() - start
         bar.close()
     if dist_ready():  # BN running stats drift apart after the last step: make every rank hold rank 0's
-        for buf in [*unwrap_model(model).buffers(), *(ema.module.buffers() if ema is not None else ()),
-                    *(lookahead.slow.values() if lookahead is not None else ())]:
+        for buf in unwrap_model(model).buffers():
             torch.distributed.broadcast(buf, 0)
     loss_total, correct_total, samples = all_reduce_sum([state.loss_sum, state.correct, state.samples], device)
     return {
@@ -228,7 +169,8 @@ def train_one_epoch(
         "acc": 100.0 * correct_total / max(samples, 1),
         "samples": int(samples),
         "seconds": state.seconds,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": stepper.lr,
+        "skipped": state.skipped,
     }
 
 
@@ -270,8 +212,7 @@ def evaluate(
     ``return_outputs`` adds the (rank-local) logits and labels, e.g. for a confusion matrix.
     ``all_reduce``: sum the metrics over DDP ranks (off when one rank evaluates the whole split alone).
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # each rank evaluates its own shard; no collectives per batch
+    model = unwrap_model(model)  # each rank evaluates its own shard: no collectives per batch (DDP, compiled or not)
     model.eval()
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
@@ -351,9 +292,6 @@ class History:
         """The record with the highest ``key`` (for reporting; never used to pick a checkpoint)."""
         return max(self.records, key=lambda r: r.get(key, float("-inf")))
 
-    def first_reaching(self, threshold: float, key: str = "test_acc") -> dict | None:
-        return next((r for r in self.records if r.get(key, -1) >= threshold), None)
-
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             json.dump(self.records, f, indent=2)
@@ -365,89 +303,62 @@ class History:
 
 
 # -------------------------------------------------------------------------------------------- fit
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt for the duration, so a killed job saves like Ctrl-C."""
-    if not hasattr(signal, "SIGTERM") or signal.getsignal(signal.SIGTERM) is None:
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def fit(
     model: nn.Module,
     train_loader,
     test_loader,
-    optimizer: torch.optim.Optimizer,
+    stepper: Stepper | torch.optim.Optimizer,
     *,
     epochs: int,
     criterion: Callable | None = None,
     precision: Precision | None = None,
-    scheduler=None,
-    scaler=None,
-    ema: EMA | None = None,
-    lookahead: Lookahead | None = None,
     history: History | None = None,
     start_epoch: int = 0,
     epoch_state: EpochState | None = None,
     tta: bool = False,
     progress: bool = True,
     verbose: bool = True,
-    on_epoch_end: Callable[[int, History], None] | None = None,
+    on_epoch_end: Callable[[int, History, dict], None] | None = None,
     on_interrupt: Callable[[int, EpochState], None] | None = None,
 ) -> History:
     """Train for epochs ``start_epoch+1 .. epochs``, evaluating after each; returns the History.
 
-    With ``ema`` the averaged weights are the ones evaluated (``test_acc``, TTA); the training weights'
-    plain accuracy goes in ``test_acc_raw`` so one run shows what the average adds.
-
-    ``on_epoch_end(epoch, history)`` runs after each epoch's evaluation (checkpointing goes there);
-    on Ctrl-C or SIGTERM ``on_interrupt(epoch_in_progress, state)`` runs, then KeyboardInterrupt goes on.
+    ``stepper``: a :class:`~eva_api.optim.Stepper` (optimizer + schedule + fp16 scaler) or a bare optimizer.
+    ``on_epoch_end(epoch, history, test_metrics)`` runs after each epoch's evaluation (checkpointing goes
+    there); the last epoch's ``test_metrics`` hold the logits and labels. On SIGINT / SIGTERM the loop
+    stops at the next step boundary, ``on_interrupt(epoch_in_progress, state)`` runs (signals only set the
+    flag meanwhile), then :class:`Interrupted` (a KeyboardInterrupt) goes on.
     """
+    stepper = stepper if isinstance(stepper, Stepper) else Stepper(stepper)
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
     criterion = criterion or nn.CrossEntropyLoss()
     history = history if history is not None else History()
     epoch = start_epoch + 1
     state = epoch_state or EpochState()
-    with sigterm_as_interrupt():
+    with StopRequest().installed() as stop:
         try:
             for epoch in range(start_epoch + 1, epochs + 1):
+                if verbose:
+                    print(f"EPOCH: {epoch}/{epochs}", flush=True)
                 train_loader.set_epoch(epoch)
-                tr = train_one_epoch(model, train_loader, optimizer, criterion=criterion, precision=precision,
-                                     scheduler=scheduler, scaler=scaler, ema=ema, lookahead=lookahead, epoch=epoch,
-                                     state=state, progress=progress)
-                te = evaluate(ema.module if ema is not None else model, test_loader, precision=precision, tta=tta)
+                tr = train_one_epoch(model, train_loader, stepper, criterion=criterion, precision=precision,
+                                     epoch=epoch, state=state, progress=progress, stop=stop)
+                te = evaluate(model, test_loader, precision=precision, tta=tta, return_outputs=epoch == epochs)
                 record = {"epoch": epoch, "lr": tr["lr"], "train_loss": tr["loss"], "train_acc": tr["acc"],
                           "test_loss": te["loss"], "test_acc": te["acc"], "train_seconds": tr["seconds"],
                           "eval_seconds": te["seconds"]}
                 if "acc_tta" in te:
                     record["test_acc_tta"] = te["acc_tta"]
-                line = format_test_line(te)
-                if ema is not None:
-                    raw = evaluate(model, test_loader, precision=precision)
-                    record["test_acc_raw"] = raw["acc"]
-                    record["eval_seconds"] += raw["seconds"]
-                    line += f" (EMA weights; training weights: {raw['acc']:.2f}%)"
+                if tr["skipped"]:
+                    record["skipped_steps"] = tr["skipped"]
                 if verbose:
-                    print(line, flush=True)
+                    print(format_test_line(te), flush=True)
                 history.append(record)
                 state = EpochState()
                 if on_epoch_end is not None:
-                    on_epoch_end(epoch, history)
-        except KeyboardInterrupt:
+                    on_epoch_end(epoch, history, te)
+        except Interrupted:
             if on_interrupt is not None:
                 on_interrupt(epoch, state)
             raise
@@ -455,6 +366,6 @@ def fit(
 
 
 __all__ = [
-    "EpochState", "History", "Precision", "evaluate", "fit", "format_test_line", "pick_device",
-    "pick_precision", "seed_everything", "train_one_epoch", "tta_views",
+    "EpochState", "History", "Interrupted", "StopRequest", "evaluate", "fit", "format_test_line", "train_one_epoch",
+    "tta_views",
 ]

@@ -1,15 +1,19 @@
-"""What the model learned: Grad-CAM, top losses, most-confused pairs and a precision/recall/F1 report."""
+"""What the model learned: Grad-CAM figures, and :func:`interpret_predictions` (the CLI's ``interpret``): Grad-CAM,
+top losses, confusion matrix and a precision/recall/F1 report written to a folder. The numbers come
+from ``eva_api.metrics``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import unwrap_model
+from . import metrics
 from .loaders import normalize
+from .models import unwrap_model
 
 
 def default_cam_layer(model: nn.Module) -> nn.Module:
@@ -61,71 +65,19 @@ def grad_cam(
     return cam.clamp(0, 1), logits.detach()
 
 
-@dataclass
-class TopLoss:
-    index: int
-    actual: str
-    predicted: str
-    loss: float
-    probability: float  # of the predicted class
-
-
-def top_losses(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], k: int = 16) -> list[TopLoss]:
-    """The ``k`` test images with the highest cross-entropy loss."""
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
-    probs = logits.float().softmax(1)
-    order = losses.argsort(descending=True)[:k]
-    preds = probs.argmax(1)
-    return [TopLoss(int(i), classes[int(labels[i])], classes[int(preds[i])], float(losses[i]), float(probs[i, preds[i]]))
-            for i in order]
-
-
-def most_confused(cm: torch.Tensor, classes: Sequence[str], min_count: int = 1) -> list[tuple[str, str, int]]:
-    """Off-diagonal (actual, predicted, count) pairs, most frequent first."""
-    pairs = [(classes[i], classes[j], int(cm[i, j])) for i in range(len(classes)) for j in range(len(classes))
-             if i != j and cm[i, j] >= min_count]
-    return sorted(pairs, key=lambda p: -p[2])
-
-
-def classification_report(cm: torch.Tensor, classes: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per-class precision, recall, F1 and support from a confusion matrix (rows actual, columns predicted),
-    plus ``macro avg`` and ``accuracy``."""
-    cm = torch.as_tensor(cm).double()
-    tp = cm.diag()
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
-                     torch.zeros_like(tp))
-    report = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                     "support": int(support[i])} for i, name in enumerate(classes)}
-    report["macro avg"] = {"precision": float(precision.mean()), "recall": float(recall.mean()),
-                           "f1": float(f1.mean()), "support": int(support.sum())}
-    report["accuracy"] = {"value": float(tp.sum() / cm.sum().clamp_min(1))}
-    return report
-
-
-def format_report(report: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
-    for name, r in report.items():
-        if name == "accuracy":
-            lines.append(f"{'accuracy':<12}{'':>20}{r['value']:>10.4f}")
-        else:
-            lines.append(f"{name:<12}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['support']:>9d}")
-    return "\n".join(lines)
-
-
 def plot_gradcam_pairs(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
-                       mean, std, save=None, dpi: int = 80):
-    """For each image: Grad-CAM for the predicted class and for the true class, side by side."""
+                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80):
+    """For each image: Grad-CAM for the predicted class and for the true class, side by side.
+
+    ``preds``: the predictions to explain and print (pass the gallery's, e.g. from the bf16 evaluation, so
+    both figures name the same class); by default this fp32 forward pass's own."""
     from .plots import image_grid
 
     device = next(model.parameters()).device
     x = normalize(images_uint8, mean, std).to(device)
-    cam_pred, logits = grad_cam(model, x)
+    cam_pred, logits = grad_cam(model, x, None if preds is None else preds.to(device))
     cam_true, _ = grad_cam(model, x, labels.to(device))
-    preds = logits.argmax(1).cpu()
+    preds = (logits.argmax(1) if preds is None else preds).cpu()
     pics = torch.stack([images_uint8, images_uint8], 1).flatten(0, 1)
     cams = torch.stack([cam_pred.cpu(), cam_true.cpu()], 1).flatten(0, 1)
     titles = []
@@ -136,14 +88,53 @@ def plot_gradcam_pairs(model: nn.Module, images_uint8: torch.Tensor, labels: tor
 
 
 def plot_gradcam_class(model: nn.Module, images_uint8: torch.Tensor, class_index: int, classes: Sequence[str],
-                       mean, std, save=None, dpi: int = 80):
-    """Grad-CAM for one chosen class on the given images."""
+                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80):
+    """Grad-CAM for one chosen class on the given images, titled with ``preds`` (default: this pass's own)."""
     from .plots import image_grid
 
     device = next(model.parameters()).device
     cams, logits = grad_cam(model, normalize(images_uint8, mean, std).to(device), class_index)
-    preds = logits.argmax(1).cpu().tolist()
+    preds = (logits.argmax(1) if preds is None else preds).cpu().tolist()
     titles = [f"predicted: {classes[p]}" for p in preds]
     return image_grid(images_uint8, titles, ncols=min(8, len(images_uint8)), overlays=cams.cpu(), save=save, dpi=dpi,
                       suptitle=f"Grad-CAM for class '{classes[class_index]}'")
 
+
+def interpret_predictions(model: nn.Module, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+              out: str | Path, n: int = 16) -> dict:
+    """Figures and a report for a model's test predictions, written to ``out``; returns the report dict.
+
+    ``images`` uint8 test images, ``logits``/``labels`` their evaluation outputs (the Grad-CAM titles use
+    these predictions); ``model`` carries ``classes``, ``mean`` and ``std`` as :func:`load_model` sets them.
+    Writes confusion_matrix.png, gradcam_misclassified.png, gradcam_class_<name>.png, top_losses.png,
+    report.txt and report.json."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes, preds = model.classes, logits.argmax(1)
+    cm = metrics.confusion_matrix(labels, preds, len(classes))
+    figs = [plots.plot_confusion_matrix(cm, classes, save=out / "confusion_matrix.png")]
+    wrong = metrics.misclassified(images, labels, preds, n=n)
+    if len(wrong):
+        figs.append(plot_gradcam_pairs(model, images[wrong], labels[wrong], classes, model.mean, model.std,
+                                       preds=preds[wrong], save=out / "gradcam_misclassified.png"))
+    for c in range(len(classes)):
+        idx = (labels == c).nonzero().flatten()[:8]
+        if len(idx):
+            figs.append(plot_gradcam_class(model, images[idx], c, classes, model.mean, model.std, preds=preds[idx],
+                                           save=out / f"gradcam_class_{classes[c]}.png"))
+    tops = metrics.top_losses(logits, labels, classes, k=n)
+    figs.append(plots.image_grid(images[[t.index for t in tops]],
+                                 [f"{t.actual} -> {t.predicted}\nloss {t.loss:.2f} p {t.probability:.2f}" for t in tops],
+                                 ncols=4, save=out / "top_losses.png", suptitle="Top losses (actual -> predicted)"))
+    for f in figs:
+        plt.close(f)
+    report = metrics.classification_report(cm, classes)
+    summary = {"report": report, "accuracy": 100.0 * float((preds == labels).float().mean()),
+               "most_confused": metrics.most_confused(cm, classes)[:10], "top_losses": [vars(t) for t in tops]}
+    (out / "report.txt").write_text(metrics.format_report(report) + "\n")
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    return summary

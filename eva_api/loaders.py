@@ -2,13 +2,14 @@
 
 ``TensorLoader`` (the fast default) keeps the whole split as a uint8 tensor on the training device and
 shuffles, crops, flips and normalizes whole batches there: no worker processes, no PIL. Each epoch's
-order and augmentation come from a generator seeded by (seed, epoch), so any epoch, and any batch
-within it, can be replayed exactly (resume) and every DDP rank draws the same permutation.
-With ``alternate_flip`` (as in airbench) each image is flipped at random in epoch 1 and then the other
-way round from one epoch to the next, so every pair of epochs shows it both ways.
+order and augmentation come from generators seeded by (seed, epoch), so any epoch, and any batch
+within it, can be replayed exactly (resume) and every DDP rank draws the same permutation. The whole
+epoch's random draws are made at its start and moved to the device once, so a batch costs no
+host-device synchronisation.
 
 ``ClassicLoader`` is the torchvision ``DataLoader`` + ``transforms`` path for users who bring their own
 PIL / torchvision / albumentations transforms (the course's flip + rotation + colour jitter included).
+Its transforms end in uint8 tensors; batches are normalized on the device by the same :func:`normalize`.
 
 The test split is never augmented: evaluation loaders are built with ``train=False``.
 """
@@ -20,19 +21,39 @@ import torch
 import torch.nn.functional as F
 
 from .data import Split
+from .runtime import derive_seed, eval_batch_size
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class Normalizer:
+    """uint8 [N, C, H, W] -> float ``(x / 255 - mean) / std``, as one multiply-add with constants kept on
+    ``device`` (built once per loader: creating them per batch would copy from the host every time)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> None:
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / std_t
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return images_uint8.float() * self.scale + self.shift
+
+
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float ``(x / 255 - mean) / std`` on the images' device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(1, -1, 1, 1)
-    return (images_uint8.float() / 255.0 - m) / s
+    """uint8 [N, C, H, W] -> normalized float on the images' device (see :class:`Normalizer`)."""
+    return Normalizer(mean, std, images_uint8.device)(images_uint8)
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+SHUFFLE, AUGMENT = 0, 1  # the random streams of an epoch
+
+
+def epoch_generator(seed: int, epoch: int, stream: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one stream of one epoch: the same (seed, epoch, stream, rank), the same draws.
+
+    The shuffle and the augmentation draw from separate streams: from one generator seeded alike, the
+    crop offsets would repeat the permutation's own random numbers (before 0.2, ``dy[0] == order[0] % 5``
+    in every epoch). The shuffle is shared by all ranks (each takes its shard); augmentation is per rank."""
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, stream, rank))
 
 
 def shard_indices(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
@@ -93,7 +114,6 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         crop_padding: int = 4,
         flip: bool = True,
-        alternate_flip: bool = False,
         cutout_size: int = 0,
         seed: int = 0,
         rank: int = 0,
@@ -103,16 +123,11 @@ class TensorLoader:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
-        c = self.images.shape[1]
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1) / std_t
+        self.normalize = Normalizer(mean, std, self.device)
         self.batch_size = batch_size
         self.train = train
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
-        self.alternate_flip = alternate_flip
         self.cutout_size = cutout_size if train else 0
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
@@ -122,49 +137,62 @@ class TensorLoader:
         self.epoch = epoch
 
     def indices(self) -> torch.Tensor:
-        """The sample indices this rank visits this epoch, in order."""
+        """The sample indices this rank visits this epoch, in order (a shard of one shared permutation)."""
         n = len(self.labels)
-        order = torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch)) if self.train else torch.arange(n)
+        if self.train:
+            order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, SHUFFLE))
+        else:
+            order = torch.arange(n)
         return shard_indices(order, self.rank, self.world_size, pad=self.train)
 
     def __len__(self) -> int:
-        return -(-len(self.indices()) // self.batch_size)
+        n, w = len(self.labels), self.world_size
+        per_rank = -(-n // w) if self.train else len(range(self.rank, n, w))
+        return -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
-    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return x_uint8.float() * self.scale + self.shift
+    def _draws(self, m: int) -> dict[str, torch.Tensor]:
+        """The epoch's augmentation for this rank's ``m`` samples, drawn on the CPU and moved once."""
+        g = epoch_generator(self.seed, self.epoch, AUGMENT, self.rank)
+        pad = self.crop_padding
+        h, w = self.images.shape[-2:]
+        draws = {"dy": torch.randint(0, 2 * pad + 1, (m,), generator=g),
+                 "dx": torch.randint(0, 2 * pad + 1, (m,), generator=g),
+                 "flip": (torch.rand(m, generator=g) < 0.5) & self.flip,
+                 "cy": torch.randint(0, h, (m,), generator=g),
+                 "cx": torch.randint(0, w, (m,), generator=g)}
+        if self.device.type == "cuda":  # from pinned memory the copy is truly asynchronous
+            draws = {k: v.pin_memory() for k, v in draws.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in draws.items()}
 
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
-        """Iterate from batch ``start_batch`` on; the skipped batches' randomness is still drawn."""
-        g = _epoch_generator(self.seed, self.epoch)
-        idx = self.indices()  # consumes g's first draw only through its own generator
+        """Iterate from batch ``start_batch`` on, with exactly the draws a full pass would give those batches."""
+        idx = self.indices()
         m = len(idx)
-        # the whole epoch's augmentation, drawn up front on the CPU: identical on every device and rank
-        pad = self.crop_padding
-        dy = torch.randint(0, 2 * pad + 1, (m,), generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (m,), generator=g)
-        flips = torch.rand(m, generator=g) < 0.5
-        if self.alternate_flip:  # per image, not per position: epoch 1's coin, then flipped each epoch
-            first = torch.rand(len(self.labels), generator=_epoch_generator(self.seed, -1)) < 0.5
-            flips = first[idx] ^ (self.epoch % 2 == 0)
-        h, w = self.images.shape[-2:]
-        cy = torch.randint(0, h, (m,), generator=g)
-        cx = torch.randint(0, w, (m,), generator=g)
-        idx = idx.to(self.device)
+        draws = self._draws(m) if self.train else {}
+        idx = (idx.pin_memory() if self.device.type == "cuda" else idx).to(self.device, non_blocking=True)
         for b in range(start_batch, -(-m // self.batch_size)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             sel = idx[sl]
             x = self.normalize(self.images[sel])
             if self.train:
-                x = crop_flip(x, dy[sl].to(self.device), dx[sl].to(self.device),
-                              (flips[sl] if self.flip else torch.zeros_like(flips[sl])).to(self.device), pad)
+                x = crop_flip(x, draws["dy"][sl], draws["dx"][sl], draws["flip"][sl], self.crop_padding)
                 if self.cutout_size:
-                    x = cutout(x, cy[sl].to(self.device), cx[sl].to(self.device), self.cutout_size)
+                    x = cutout(x, draws["cy"][sl], draws["cx"][sl], self.cutout_size)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[sel]
+
+
+def eval_loader(split: Split, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
+                batch_size: int | None = None, channels_last: bool = False, rank: int = 0,
+                world_size: int = 1) -> TensorLoader:
+    """The evaluation loader (in order, never augmented); batch size by default as large as pays on ``device``."""
+    device = torch.device(device)
+    return TensorLoader(split, mean, std, batch_size or eval_batch_size(device), train=False, device=device,
+                        channels_last=channels_last, rank=rank, world_size=world_size)
 
 
 # ------------------------------------------------------------------------------------ classic path
@@ -186,12 +214,13 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.labels[i]
 
 
-def classic_transforms(mean: Sequence[float], std: Sequence[float], augment: str = "crop_flip", crop_padding: int = 4):
-    """torchvision transforms: ``crop_flip`` (``crop_padding``-px reflect crop + flip), ``s8`` (the course's flip,
-    ±5° rotation and light colour jitter) or ``none`` (test-time: tensor + normalize only)."""
+def classic_transforms(augment: str = "crop_flip", crop_padding: int = 4):
+    """torchvision transforms from a PIL image to a uint8 tensor: ``crop_flip`` (``crop_padding``-px reflect
+    crop + flip), ``s8`` (the course's flip, ±5° rotation and light colour jitter) or ``none``. The
+    :class:`ClassicLoader` normalizes the batches on the device."""
     from torchvision import transforms as T
 
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    tail = [T.PILToTensor()]
     if augment == "crop_flip":
         head = [T.RandomCrop(32, padding=crop_padding, padding_mode="reflect"), T.RandomHorizontalFlip()]
     elif augment == "s8":
@@ -206,10 +235,11 @@ def classic_transforms(mean: Sequence[float], std: Sequence[float], augment: str
 class ClassicLoader:
     """``DataLoader`` + ``DistributedSampler`` (also for one process), re-seeded every epoch.
 
-    The sampler and the workers' RNG are seeded from (seed, epoch), so an epoch is replayable; workers
-    are not persistent because persistent workers would carry their RNG from one epoch to the next.
-    With ``num_workers=0`` the transforms draw from the global RNG instead, so replay is exact only
-    with workers.
+    The sampler's order comes from (seed, epoch); the transforms' randomness from (seed, epoch, rank):
+    with workers through the loader's generator (workers are not persistent, which would carry their RNG
+    from one epoch to the next), without workers from a private generator swapped in around each batch
+    (so the model's own use of the global RNG, e.g. dropout, neither disturbs nor is disturbed by it).
+    Either way any epoch, and any batch within it, replays exactly.
     """
 
     def __init__(
@@ -218,21 +248,26 @@ class ClassicLoader:
         transform: Callable,
         batch_size: int,
         *,
+        mean: Sequence[float],
+        std: Sequence[float],
         train: bool,
         num_workers: int = 2,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
     ) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
+        self.device = torch.device(device)
+        self.normalize = Normalizer(mean, std, self.device)
         self.dataset = TensorImageDataset(split, transform)
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
-        self.seed = seed
-        self.epoch = 0
+        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.num_workers, self.channels_last = num_workers, channels_last
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, generator=torch.Generator())
+                                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -244,9 +279,29 @@ class ClassicLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
+    def _batches(self) -> Iterator[Batch]:
+        g = epoch_generator(self.seed, self.epoch, AUGMENT, self.rank)
+        if self.num_workers:
+            self.loader.generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+            yield from self.loader
+            return
+        from torch.utils.data import BatchSampler, default_collate
+
+        state = g.get_state()
+        for batch in BatchSampler(self.sampler, self.loader.batch_size, drop_last=False):
+            outer = torch.get_rng_state()
+            torch.set_rng_state(state)
+            try:
+                samples = [self.dataset[i] for i in batch]
+                state = torch.get_rng_state()
+            finally:
+                torch.set_rng_state(outer)
+            yield default_collate(samples)
+
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
-        self.loader.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        it = iter(self.loader)
-        for b, batch in enumerate(it):
-            if b >= start_batch:  # skipped batches are still drawn, so the RNG stays in step
-                yield batch
+        for b, (x, y) in enumerate(self._batches()):
+            if b >= start_batch:  # skipped batches are still drawn, so the transforms' RNG stays in step
+                x = self.normalize(x.to(self.device, non_blocking=True))
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import rng_states, set_rng_states
-from .engine import Precision
+from .optim import Stepper
+from .runtime import Precision, rng_states, set_rng_states
 
 
 @dataclass
@@ -53,7 +53,8 @@ def lr_find(
     criterion = criterion or nn.CrossEntropyLoss()
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(optimizer.state_dict())
-    rng = rng_states()
+    rng = rng_states(device)
+    stepper = Stepper(optimizer, scaler=precision.make_scaler())  # fp16 needs its loss scaling here too
     was_training = model.training
     result = LRFinderResult()
     ratio = (end_lr / start_lr) ** (1 / max(1, steps - 1))
@@ -65,14 +66,12 @@ def lr_find(
             for x, y in loader:
                 lr = start_lr * ratio**step
                 for g in optimizer.param_groups:
-                    if not g.get("frozen"):  # frozen weights (``freeze_stem``, ``freeze_bn_scale``) stay at LR 0
+                    if not g.get("frozen"):  # frozen weights (``freeze_stem``) stay at LR 0
                         g["lr"] = lr * g.get("lr_scale", 1.0)
                 x, y = x.to(device), y.to(device)
                 with precision.autocast():
                     loss = criterion(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                stepper.step(loss)
                 value = float(loss.detach())
                 avg = beta * avg + (1 - beta) * value
                 smooth = avg / (1 - beta ** (step + 1))
@@ -87,7 +86,7 @@ def lr_find(
     finally:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
-        set_rng_states(rng)
+        set_rng_states(rng, device)
         model.train(was_training)
     result.suggestion = suggest_lr(result.lrs, result.smoothed)
     return result

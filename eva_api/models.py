@@ -37,12 +37,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet. ``dropout`` (before the head) adds no parameters.
-
-    ``zero_init_residual`` starts every block's last BN at gamma=0, so each block begins as the identity
-    (no shape or parameter count changes). It is a large-batch trick; on the dev split it slowed a
-    one-epoch schedule down (README), so the ``fast`` recipe leaves it off.
-    """
+    """CIFAR ResNet. ``dropout`` (before the head) adds no parameters."""
 
     def __init__(
         self,
@@ -50,7 +45,6 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         dropout: float = 0.0,
         in_channels: int = 3,
-        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -66,10 +60,6 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(512, num_classes)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -103,3 +93,27 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers (in either order)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes so any saved state loads into a plain model."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "_orig_mod."):
+                if k.startswith(prefix):
+                    k, changed = k[len(prefix):], True
+        out[k] = v
+    return out

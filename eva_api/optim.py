@@ -1,4 +1,6 @@
-"""Muon for the conv filters, SGD for the rest, in one optimizer (so one scheduler, one checkpoint entry).
+"""Optimisation: the optimizer (SGD, or Muon for the conv filters and SGD for the rest, in one optimizer so
+one scheduler and one checkpoint entry serve both), the LR schedule, and :class:`Stepper`, the one place
+where a loss becomes a step (loss scaling for fp16, the optimizer, the schedule).
 
 Muon (Keller Jordan, used by airbench94_muon): the update of a weight matrix is its Nesterov momentum,
 orthogonalized by a few Newton-Schulz iterations (roughly U V^T of the momentum's SVD, every singular
@@ -11,7 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from torch.optim.sgd import sgd
+
+from .config import Config
+from .whitening import first_conv
 
 # Quintic Newton-Schulz coefficients from Muon: they maximise the slope at zero, so three steps suffice.
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -75,3 +81,104 @@ def _muon(params: list[torch.Tensor], bufs: list[torch.Tensor | None], lr: float
             g = g.add(bufs[i], alpha=momentum) if nesterov else bufs[i]
         p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
         p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-lr)
+
+
+class LRSchedule:
+    """LR factor per optimizer step (a picklable callable for ``LambdaLR``).
+
+    onecycle: linear from ``start`` to 1 over the first ``warmup_pct`` of the steps, then linear to 0.
+    multistep: ``gamma`` at each milestone epoch.
+    """
+
+    def __init__(self, kind: str, total_steps: int, steps_per_epoch: int, warmup_pct: float = 0.25,
+                 start: float = 0.1, milestones: tuple[int, ...] = (), gamma: float = 0.1) -> None:
+        self.kind, self.total, self.per_epoch = kind, total_steps, steps_per_epoch
+        self.warmup, self.start = max(1, int(round(warmup_pct * total_steps))), start
+        self.milestones, self.gamma = tuple(milestones), gamma
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "multistep":
+            epoch = step // self.per_epoch  # epochs completed
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        if step < self.warmup:
+            return self.start + (1 - self.start) * step / self.warmup
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """SGD (or, with ``optimizer=muon``, Muon for the conv filters and SGD for the rest).
+
+    BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``. The Muon group says how
+    its LR relates to ``lr`` (``lr_scale``, for the LR finder). With ``freeze_stem`` the stem conv's weights
+    sit in a last group of their own with LR 0 (marked ``frozen``; the schedule only scales that 0): they
+    keep their initial values but stay parameters, so counts, checkpoints and DDP see the same model."""
+    frozen = [first_conv(model).weight] if config.freeze_stem else []
+    filters, decay, no_decay = [], [], []
+    for p in model.parameters():
+        if p.requires_grad and not any(p is f for f in frozen):
+            if config.optimizer == "muon" and p.ndim == 4:
+                filters.append(p)
+            else:
+                (no_decay if p.ndim <= 1 and not config.wd_on_bn_bias else decay).append(p)
+    lr = config.effective_lr()
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if filters:
+        groups.append({"params": filters, "orthogonal": True, "weight_decay": 0.0, "lr": config.muon_lr,
+                       "lr_scale": config.muon_lr / lr, "momentum": config.muon_momentum, "nesterov": True})
+    if frozen:
+        groups.append({"params": frozen, "weight_decay": 0.0, "lr": 0.0, "frozen": True})
+    kind = Muon if config.optimizer == "muon" else torch.optim.SGD
+    return kind(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    schedule = LRSchedule(config.schedule, config.epochs * steps_per_epoch, steps_per_epoch, config.warmup_pct,
+                          config.start_lr_factor, config.milestones, config.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class Stepper:
+    """Turns a loss into one training step: backward (scaled under fp16), optimizer step, scale update and
+    the per-step schedule. The loops hold one of these instead of passing each part through every layer.
+
+    Under fp16 the GradScaler skips a step whose gradients overflowed (and halves its scale); ``skipped``
+    counts those on the device (a tensor, so counting costs no host-device sync)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler=None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.skipped: torch.Tensor | None = None
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            before = self.scaler._scale.clone()  # GradScaler's own scale tensor: get_scale() would sync
+            self.scaler.update()
+            dropped = (self.scaler._scale < before).long().sum()  # the scale only drops on an overflow
+            self.skipped = dropped if self.skipped is None else self.skipped + dropped
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,4 +1,4 @@
-"""Figures: training curves, misclassified gallery, confusion matrix, per-class accuracy.
+"""Figures: training curves, sample grid, misclassified gallery, confusion matrix.
 
 Each function returns a matplotlib Figure and, given ``save=PATH``, writes a PNG. pyplot falls back to
 the Agg backend where there is no display, so this is safe on servers and in CI.
@@ -9,6 +9,8 @@ import os
 from typing import Sequence
 
 import torch
+
+from .metrics import misclassified
 
 
 def _pyplot():
@@ -27,7 +29,8 @@ def _finish(fig, save: str | os.PathLike | None, dpi: int):
 
 
 def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, title: str | None = None):
-    """Loss and accuracy (train vs test, flip TTA where recorded) and the LR, per epoch."""
+    """Loss and accuracy (train vs test, flip TTA where recorded) and the LR, per epoch. Every series has
+    markers, so a one-epoch run shows its points (and a legend that matches them)."""
     plt = _pyplot()
     records = history.records if hasattr(history, "records") else list(history)
     epochs = [r["epoch"] for r in records]
@@ -38,7 +41,7 @@ def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, 
     axes[1].plot(epochs, [r["train_acc"] for r in records], "o-", label="train")
     axes[1].plot(epochs, [r["test_acc"] for r in records], "o-", label="test")
     if all("test_acc_tta" in r for r in records):
-        axes[1].plot(epochs, [r["test_acc_tta"] for r in records], "--", label="test (flip TTA)")
+        axes[1].plot(epochs, [r["test_acc_tta"] for r in records], "s--", ms=4, label="test (flip TTA)")
     axes[1].set(title="Accuracy (%)", xlabel="epoch")
     axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="tab:green")
     axes[2].set(title="Learning rate (end of epoch)", xlabel="epoch")
@@ -94,23 +97,13 @@ def image_grid(images, titles: Sequence[str], ncols: int = 5, mean=None, std=Non
 
 
 def plot_samples(images, labels, classes: Sequence[str], n: int = 20, ncols: int = 10, save=None, dpi: int = 80):
-    """The first ``n`` images with their class names."""
-    titles = [classes[int(y)] for y in labels[:n]]
-    return image_grid(images[:n], titles, ncols=ncols, save=save, dpi=dpi)
-
-
-def misclassified(images, labels, preds, only_class: int | None = None, n: int = 25, seed: int = 0) -> torch.Tensor:
-    """Indices of ``n`` wrong predictions (optionally only those whose true class is ``only_class``).
-
-    Test sets are often sorted by class, so the first mistakes would all share one class: the
-    indices are drawn in a fixed pseudo-random order instead (same ``seed``, same gallery).
-    """
-    labels, preds = torch.as_tensor(labels).cpu(), torch.as_tensor(preds).cpu()
-    wrong = labels != preds
-    if only_class is not None:
-        wrong &= labels == only_class
-    idx = wrong.nonzero().flatten()
-    return idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))][:n]
+    """``n`` images with their class names, taken from every class in turn (folders are sorted by class,
+    so the first ``n`` images would all be airplanes)."""
+    labels = torch.as_tensor(labels).cpu()
+    per_class = [(labels == c).nonzero().flatten().tolist() for c in range(len(classes))]
+    idx = [i for row in zip(*per_class) for i in row][:n] if all(per_class) else list(range(min(n, len(labels))))
+    titles = [classes[int(labels[i])] for i in idx]
+    return image_grid(images[idx], titles, ncols=ncols, save=save, dpi=dpi)
 
 
 def plot_misclassified(images, labels, preds, classes: Sequence[str], n: int = 25, only_class: int | str | None = None,
@@ -122,28 +115,6 @@ def plot_misclassified(images, labels, preds, classes: Sequence[str], n: int = 2
     titles = [f"Actual: {classes[int(labels[i])]}\nPredicted: {classes[int(preds[i])]}" for i in idx]
     return image_grid(images[idx], titles, ncols=ncols, mean=mean, std=std, save=save, dpi=dpi,
                       suptitle=f"{len(idx)} misclassified images")
-
-
-def confusion_matrix(labels, preds, num_classes: int) -> torch.Tensor:
-    """counts[true, predicted]."""
-    labels, preds = torch.as_tensor(labels).long().cpu(), torch.as_tensor(preds).long().cpu()
-    return torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(num_classes, num_classes)
-
-
-def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str]) -> list[tuple[str, int, int, float]]:
-    """Rows of (class, correct, total, accuracy %) from a confusion matrix."""
-    rows = []
-    for i, name in enumerate(classes):
-        total = int(cm[i].sum())
-        correct = int(cm[i, i])
-        rows.append((name, correct, total, 100.0 * correct / total if total else float("nan")))
-    return rows
-
-
-def format_per_class(rows) -> str:
-    lines = [f"{'class':<12}{'correct':>8}{'total':>8}{'acc %':>8}"]
-    lines += [f"{name:<12}{c:>8}{t:>8}{a:>8.2f}" for name, c, t, a in rows]
-    return "\n".join(lines)
 
 
 def plot_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], normalize: bool = True, save=None, dpi: int = 80):

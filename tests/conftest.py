@@ -1,4 +1,5 @@
-"""Shared fixtures: no network, a private data cache, tiny data sets written to tmp dirs, a tiny CNN."""
+"""Shared fixtures: no network, a private data cache, tiny data sets written to tmp dirs, a tiny CNN
+(registered as model ``tiny``)."""
 from __future__ import annotations
 
 import pickle
@@ -8,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+
+from tinymodel import TinyResNet  # noqa: E402  (also registers model "tiny")
 
 
 @pytest.fixture(autouse=True)
@@ -64,19 +66,7 @@ def write_official(root: Path, n_train: int = 20, n_test: int = 10, batches: int
     return root
 
 
-class TinyNet(nn.Module):
-    """A small CNN for tests where the architecture does not matter (fast on 2 cores)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        )
-        self.head = nn.Linear(32, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+TinyNet = TinyResNet  # a small CNN for tests where the architecture does not matter (fast on 2 cores)
 
 
 @pytest.fixture

@@ -1,8 +1,11 @@
-"""The command line end to end on synthetic data, and its one-line errors (exit 2, no traceback)."""
+"""The command line end to end on synthetic data (the tiny test model through tests/tiny_cli.py, the real
+``python -m eva_api`` where ResNet18 matters), and its one-line errors (exit 2, no traceback)."""
+import pickle
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, write_imagefolder
 
@@ -10,15 +13,16 @@ SMOKE = ["--dataset", "synthetic", "--synthetic-train", "96", "--synthetic-test"
          "--gallery", "8", "--no-progress"]
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "eva_api", *map(str, args)], cwd=REPO, capture_output=True,
+def cli(*args, timeout=600, tiny=True):
+    entry = [str(REPO / "tests" / "tiny_cli.py")] if tiny else ["-m", "eva_api"]
+    return subprocess.run([sys.executable, *entry, *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    proc = cli("train", "--recipe", "fast", "--epochs", "1", "--out", out, *SMOKE)
+    proc = cli("train", "--recipe", "fast", "--model", "tiny", "--epochs", "1", "--out", out, *SMOKE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SYNTHETIC data" in proc.stdout and "Test set: Average loss:" in proc.stdout
     return out
@@ -31,8 +35,18 @@ def test_train_produces_every_artifact(run_dir):
 
 
 def test_rerun_into_an_existing_run_needs_resume(run_dir):
-    proc = cli("train", "--recipe", "fast", "--epochs", "1", "--out", run_dir, *SMOKE)
+    proc = cli("train", "--recipe", "fast", "--model", "tiny", "--epochs", "1", "--out", run_dir, *SMOKE)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_resume_keeps_the_saved_settings_and_refuses_changed_ones(run_dir):
+    same = cli("train", "--out", run_dir, "--resume", "--no-progress", "--num-workers", "0")
+    assert same.returncode == 0, same.stderr[-2000:]  # runtime options may change; nothing left to train
+    changed = cli("train", "--out", run_dir, "--resume", "--precision", "fp32", "--lr", "0.3")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "precision: 'auto' -> 'fp32'" in changed.stderr and "lr: 0.1 -> 0.3" in changed.stderr
+    other = cli("train", "--out", run_dir, "--resume", "--recipe", "s8")
+    assert other.returncode == 2 and "uses recipe 'fast', not 's8'" in other.stderr
 
 
 def test_evaluate_predict_interpret(run_dir, tmp_path):
@@ -53,13 +67,13 @@ def test_evaluate_predict_interpret(run_dir, tmp_path):
 
 
 def test_lr_find_writes_its_plot(tmp_path):
-    proc = cli("lr-find", "--out", tmp_path, "--steps", "12", *SMOKE)
+    proc = cli("lr-find", "--model", "tiny", "--out", tmp_path, "--steps", "12", *SMOKE)
     assert proc.returncode == 0, proc.stderr
     assert "suggested lr" in proc.stdout and (tmp_path / "lr_find.png").is_file()
 
 
 def test_summary_shows_the_parameter_count():
-    proc = cli("summary")
+    proc = cli("summary", tiny=False)
     assert proc.returncode == 0 and "Total params: 11,173,962" in proc.stdout
 
 
@@ -77,10 +91,19 @@ def _bad_imagefolder(tmp_path):
     (["train", "--data", "{bad}", "--no-download", "--out", "{tmp}/r"], "unreadable image"),
     (["evaluate", "--checkpoint", "{tmp}/missing.pt"], "no such checkpoint"),
     (["evaluate", "--checkpoint", "{tmp}/trunc.pt", "--dataset", "synthetic"], "truncated or corrupt"),
+    (["evaluate", "--checkpoint", "{tmp}/empty.pt", "--dataset", "synthetic"], "empty file"),
+    (["evaluate", "--checkpoint", "{tmp}/evil.pt", "--dataset", "synthetic"], "refused: loading it needs arbitrary"),
+    (["predict", "--checkpoint", "{tmp}/evil.pt", "{tmp}/nope.png"], "Nothing in it was run"),
+    (["evaluate", "--checkpoint", "{tmp}/other.pt", "--dataset", "synthetic"], "weights do not fit resnet18"),
     (["predict", "--checkpoint", "{ckpt}", "{tmp}/nope.png"], "no such image"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_dir):
     (tmp_path / "trunc.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:3000])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    _evil_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
+    other = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # the tiny model's weights, labelled resnet18
+    other["config"]["model"] = "resnet18"
+    torch.save(other, tmp_path / "other.pt")
     fill = {"{tmp}": str(tmp_path), "{ckpt}": str(run_dir / "checkpoint.pt")}
     if "{bad}" in args:
         fill["{bad}"] = str(_bad_imagefolder(tmp_path))
@@ -90,6 +113,45 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_di
     assert "Traceback" not in proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and match in errors[0]
+    assert not (tmp_path / "pwned").exists()  # the malicious file's code never ran
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # what an attacker's pickle does: call a function of its choice while loading
+        return (open, (self.marker, "w"))
+
+
+def _evil_checkpoint(path, marker):
+    """A checkpoint-shaped file whose unpickling would create ``marker`` (a stand-in for any code)."""
+    torch.save({"model": {}, "config": {"model": "resnet18"}, "hook": _Payload(marker)}, path)
+    assert not marker.exists()
+
+
+def test_trust_checkpoint_reads_an_old_pickled_checkpoint(run_dir, tmp_path):
+    old = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    old["format_version"] = 1
+    import numpy as np  # earlier versions pickled numpy's RNG state: not loadable with weights_only
+
+    old["rng"] = {"python": __import__("random").getstate(), "torch": torch.get_rng_state(),
+                  "numpy": np.random.get_state()}
+    old["config"]["ema"] = 0.0  # a retired switch
+    torch.save(old, tmp_path / "old.pt")
+    refused = cli("evaluate", "--checkpoint", tmp_path / "old.pt", "--dataset", "synthetic")
+    assert refused.returncode == 2 and "--trust-checkpoint" in refused.stderr
+    trusted = cli("evaluate", "--checkpoint", tmp_path / "old.pt", "--dataset", "synthetic", "--trust-checkpoint")
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert "ignoring config keys from an earlier eva_api version: ema" in trusted.stderr
+
+
+def test_doctor_passes_here():
+    proc = cli("doctor", tiny=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    for line in ("torch:", "torchvision:", "CUDA:", "cuDNN:", "device:", "precision (auto):", "PASS train:",
+                 "PASS evaluate:", "PASS checkpoint:", "all checks passed"):
+        assert line in proc.stdout, line
 
 
 def test_unknown_subcommand_flag_exits_2():

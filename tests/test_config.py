@@ -9,7 +9,7 @@ def test_recipes_hold_the_course_settings():
     assert s8.schedule == "multistep" and s8.milestones == (14, 18) and s8.gamma == 0.1 and s8.dropout > 0
     fast = make_config("fast")
     assert fast.schedule == "onecycle" and fast.loader == "tensor" and fast.label_smoothing > 0
-    assert fast.whiten_init and fast.freeze_stem and not fast.zero_init_residual and fast.crop_padding == 2
+    assert fast.whiten_init and fast.freeze_stem and fast.crop_padding == 2
     assert fast.optimizer == "muon" and fast.muon_lr == 0.03 and fast.muon_momentum == 0.9
 
 
@@ -27,7 +27,8 @@ def test_cli_overrides_are_typed():
     (["--precision", "fp8"], "choose one of auto, bf16, fp16, fp32"),
     (["--epochs", "0"], ">= 1"),
     (["--crop-padding", "-1"], r"crop_padding: must be in \[0, 16\]"),
-    (["--bn-bias-lr", "0"], "bn_bias_lr: must be > 0"),
+    (["--muon-lr", "0"], "muon_lr: must be > 0"),
+    (["--ema", "0.99"], "unknown option --ema"),
     (["--lr"], "needs a value"),
     (["stray"], "unexpected argument"),
 ])

@@ -1,4 +1,5 @@
-"""2-process DDP (gloo, CPU) through torchrun on synthetic data."""
+"""2-process DDP (gloo, CPU) through torchrun on tiny data: identical ranks, exact sums on odd shards, rank-0-only
+data preparation and files, per-rank RNG, and resumes across world sizes."""
 import os
 import subprocess
 import sys
@@ -6,11 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from eva_api import evaluate, load_checkpoint, load_model, make_config, make_synthetic, train
+from conftest import REPO, write_imagefolder
+from eva_api import (Interrupted, evaluate, load_checkpoint, load_model, make_config, make_synthetic, train)
 from eva_api.loaders import TensorLoader
 
+pytestmark = pytest.mark.ddp
 WORKER = str(REPO / "tests" / "ddp_worker.py")
+TINY = dict(model="tiny", dataset="synthetic", synthetic_train=96, synthetic_test=51, batch_size=32, precision="fp32",
+            progress=False, gallery=4, device="cpu")
 
 
 def torchrun(*args, nproc=2, env=None, timeout=300):
@@ -24,7 +28,7 @@ def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     proc = torchrun(str(out), "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return out, proc, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_ranks_end_with_identical_weights_and_metrics(ddp_run):
@@ -47,31 +51,78 @@ def test_only_rank_0_prints_and_the_checkpoint_evaluates_in_one_process(ddp_run)
     assert proc.stdout.count("Test set: Average loss:") == 2  # one line per epoch, not one per rank
     assert (out / "metrics.json").is_file() and (out / "curves.png").is_file()
     model = load_model(out / "checkpoint.pt", "cpu")  # no module. prefix
-    data = make_synthetic(96, 50)
-    acc = evaluate(model, TensorLoader(data.test, model.mean, model.std, 50, train=False))["acc"]
-    assert acc == pytest.approx(r0["history"][-1]["test_acc"])  # all-reduced metrics = full test set
+    data = make_synthetic(96, 51)
+    # 51 test images on 2 ranks: shards of 26 and 25, so a mean of the two ranks' means would be off
+    single = evaluate(model, TensorLoader(data.test, model.mean, model.std, 51, train=False))
+    assert single["acc"] == pytest.approx(r0["history"][-1]["test_acc"], abs=1e-9)
+    assert single["loss"] == pytest.approx(r0["history"][-1]["test_loss"], rel=1e-6)
 
 
-def test_single_process_checkpoint_resumes_under_ddp(tmp_path, monkeypatch):
-    """Epoch 1 in this process (world size 1), stopped at the start of epoch 2; epoch 2 under 2 ranks."""
-    config = make_config("fast", dataset="synthetic", synthetic_train=96, synthetic_test=50, batch_size=32, epochs=2,
-                         precision="fp32", progress=False, gallery=4, device="cpu")
+def test_every_rank_saves_its_own_rng_state(ddp_run):
+    out, _, _ = ddp_run
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # the rank is mixed into the seed
+
+
+def test_rank_0_alone_decodes_the_data_and_writes_the_cache(tmp_path):
+    root = write_imagefolder(tmp_path / "data", n_per_class=12, classes=("cat", "dog"))
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = torchrun(str(out), "1", env={"EVA_TEST_DATA": str(root), "EVA_API_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "decoded_by_rank0").read_text() == "xx"  # train/ and test/, by rank 0 only
+    assert not (out / "decoded_by_rank1").exists()  # rank 1 waited, then read rank 0's cache
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def _stop_in_epoch_2(monkeypatch, batch):
+    import signal
+
     original = TensorLoader.iter_from
 
-    def stop_in_epoch_2(self, start):
-        if self.train and self.epoch == 2:
-            raise KeyboardInterrupt
-        yield from original(self, start)
+    def iter_from(self, start):
+        for b, item in enumerate(original(self, start)):
+            if self.train and self.epoch == 2 and start + b == batch:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
 
-    monkeypatch.setattr(TensorLoader, "iter_from", stop_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path)
+    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+
+
+def test_epoch_boundary_checkpoint_resumes_under_another_world_size(tmp_path, monkeypatch):
+    """Epoch 1 in this process (world size 1), stopped before epoch 2's first step; epoch 2 under 2 ranks."""
+    from eva_api import engine
+
+    original = engine.evaluate
+
+    def evaluate_then_stop(*args, **kwargs):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)  # lands in epoch 1's evaluation: the run stops at the boundary
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
+    with pytest.raises(Interrupted):
+        train(make_config("fast", epochs=2, **TINY), tmp_path)
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and not ckpt["epoch_state"]
     proc = torchrun(str(tmp_path), "2", "resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after epoch 1" in proc.stdout
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
+def test_mid_epoch_checkpoint_refuses_another_world_size_with_one_line(tmp_path, monkeypatch):
+    _stop_in_epoch_2(monkeypatch, 0)
+    with pytest.raises(Interrupted):
+        train(make_config("fast", epochs=2, **TINY), tmp_path)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch_state"]["batches"] == 1
+    proc = torchrun(str(tmp_path), "2", "resume")
+    assert proc.returncode != 0
+    assert "stopped in the middle of epoch 2 under 1 process(es); resume it with 1" in proc.stderr
 
 
 def test_a_failing_rank_ends_the_job_with_a_message(tmp_path):

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinyNet
-from eva_api import (History, Precision, TensorLoader, TrainingError, evaluate, fit, format_test_line, make_synthetic,
-                     pick_precision, seed_everything, train_one_epoch)
-from eva_api.runner import LRSchedule
+from eva_api import (History, Precision, Stepper, TensorLoader, TrainingError, evaluate, fit, format_test_line,
+                     make_synthetic, pick_precision, seed_everything, train_one_epoch)
+from eva_api import runtime
+from eva_api.optim import LRSchedule
 
 
 class FixedLogits(nn.Module):
@@ -92,12 +93,77 @@ def test_nan_loss_stops_with_a_clear_error():
         train_one_epoch(model, train, opt, criterion=nan_loss, precision=Precision("cpu", None), progress=False)
 
 
-def test_precision_choice():
+@pytest.mark.parametrize("capability,name", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"),
+                                             ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_follows_native_support(monkeypatch, capability, name):
+    # torch.cuda.is_bf16_supported() says True on a T4 (7.5) too, where bf16 is only emulated: never asked
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    p = pick_precision(torch.device("cuda"), "auto")
+    assert p.name == name and f"{capability[0]}.{capability[1]}" in p.reason
+    assert (p.dtype is torch.float16) == (name == "fp16")  # fp16 makes a GradScaler (tested on the CPU below)
+
+
+@pytest.mark.parametrize("has_bf16,name", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_and_explicit_choices(monkeypatch, has_bf16, name):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    assert pick_precision(torch.device("cpu"), "auto").name == name
     assert pick_precision(torch.device("cpu"), "fp32").dtype is None
     assert pick_precision(torch.device("cpu"), "bf16").dtype is torch.bfloat16
-    assert pick_precision(torch.device("cpu"), "auto").name in ("bf16", "fp32")
-    with pytest.raises(Exception, match="GPUs"):
-        pick_precision(torch.device("cpu"), "fp16")
+    fp16 = pick_precision(torch.device("cpu"), "fp16")  # works on a CPU too, with a CPU GradScaler
+    assert fp16.dtype is torch.float16 and fp16.make_scaler().is_enabled()
+    assert pick_precision(torch.device("cpu"), "bf16").make_scaler() is None
+    with pytest.raises(Exception, match="choose auto, bf16, fp16 or fp32"):
+        pick_precision(torch.device("cpu"), "fp8")
+
+
+def test_fp16_epoch_on_the_cpu_skips_and_counts_an_overflowing_step():
+    data = make_synthetic(64, 16)
+    train = TensorLoader(data.train, data.mean, data.std, 16, train=True)
+    torch.manual_seed(0)
+    model = TinyNet()
+    precision = pick_precision(torch.device("cpu"), "fp16")
+    stepper = Stepper(torch.optim.SGD(model.parameters(), lr=0.01), scaler=precision.make_scaler())
+    calls = []
+
+    def criterion(logits, y):  # the second batch's gradients overflow fp16's range
+        calls.append(1)
+        return F.cross_entropy(logits, y) * (1e30 if len(calls) == 2 else 1.0)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = train_one_epoch(model, train, stepper, criterion=criterion, precision=precision, progress=False)
+    assert tr["skipped"] == 1 and len(calls) == 4
+    assert stepper.scaler.get_scale() < 2.0**16  # halved once after the overflow
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the other steps applied
+
+
+def test_fp16_run_saves_the_scaler_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from eva_api import Interrupted, load_checkpoint, make_config, train
+
+    tiny = dict(model="tiny", dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32,
+                progress=False, precision="fp16", gallery=4, epochs=2)
+    whole = train(make_config("fast", **tiny), tmp_path / "whole")
+    original = TensorLoader.iter_from
+
+    def iter_from(self, start):
+        for b, item in enumerate(original(self, start)):
+            if self.train and self.epoch == 2 and start + b == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+
+    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+    with pytest.raises(Interrupted):
+        train(make_config("fast", **tiny), tmp_path / "cut")
+    monkeypatch.undo()
+    scaler = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    resumed = train(make_config("fast", **tiny), tmp_path / "cut", resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]
+    assert strip(resumed.history) == strip(whole.history)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()))
 
 
 def test_one_cycle_and_multistep_schedules():
@@ -108,44 +174,36 @@ def test_one_cycle_and_multistep_schedules():
     assert ms(139) == 1.0 and ms(140) == pytest.approx(0.1) and ms(180) == pytest.approx(0.01)
 
 
-def test_frozen_bn_scales_and_a_higher_bn_bias_lr_in_training_and_in_the_lr_finder():
-    from eva_api import build_optimizer, build_scheduler, count_parameters, get_model, make_config
+def test_the_lr_finder_keeps_muons_multiplier_and_the_frozen_stem_at_zero():
+    from eva_api import build_optimizer, get_model, make_config
     from eva_api.lr_finder import lr_find
 
     torch.manual_seed(0)
-    model = get_model("resnet18")
-    config = make_config("fast", optimizer="sgd", freeze_bn_scale=True, bn_bias_lr=8.0, lr=0.5, momentum=0.0)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch=2)
-    bn = model.bn1
-    bias_group = next(g for g in optimizer.param_groups if g.get("lr_scale"))
-    assert any(p is bn.bias for p in bias_group["params"]) and bias_group["weight_decay"] == 0
-    assert bias_group["lr"] == pytest.approx(8 * optimizer.param_groups[0]["lr"])
+    model = get_model("tiny")
+    optimizer = build_optimizer(model, make_config("fast", lr=0.5, muon_lr=0.05))  # Muon, frozen stem
     data = make_synthetic(8, 4)
     x, y = data.train.images.float() / 255, data.train.labels
-    bias = bn.bias.detach().clone()
-    optimizer.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    grad, lr = bn.bias.grad.clone(), bias_group["lr"]
-    optimizer.step()
-    scheduler.step()
-    assert torch.allclose(bn.bias, bias - lr * grad)  # plain SGD (momentum 0) at 8x the LR
-    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
-               if isinstance(m, nn.BatchNorm2d))
-    assert count_parameters(model) == 11_173_962  # frozen by the optimizer, still parameters
-
+    stem = model.conv1.weight.detach().clone()
     seen = []
     step = optimizer.step
     optimizer.step = lambda: (seen.append([g["lr"] for g in optimizer.param_groups]), step())
     result = lr_find(model, ListLoader([(x, y)] * 3), optimizer, steps=3, start_lr=1e-3, end_lr=1e-1)
-    for lrs, base in zip(seen, result.lrs):  # the sweep keeps the multiplier and the frozen LR 0
-        assert lrs == [base, base, pytest.approx(8 * base), 0.0]
+    for lrs, base in zip(seen, result.lrs):  # decay, no-decay, Muon filters (0.1x), frozen stem
+        assert lrs == [base, base, pytest.approx(0.1 * base), 0.0]
+    assert torch.equal(model.conv1.weight, stem)
 
 
 def test_seeded_cpu_runs_repeat_exactly():
+    """A real short fit (shuffle, augmentation, SGD with momentum, BN) twice from the same seed."""
     def run():
         seed_everything(5)
-        m = TinyNet()
-        return m(torch.randn(2, 3, 8, 8))
+        data = make_synthetic(64, 32)
+        model = TinyNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train = TensorLoader(data.train, data.mean, data.std, 16, train=True, seed=5, cutout_size=4)
+        test = TensorLoader(data.test, data.mean, data.std, 32, train=False)
+        hist = fit(model, train, test, opt, epochs=2, progress=False, verbose=False)
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in hist], model.state_dict()
 
-    assert torch.equal(run(), run())
+    (h1, w1), (h2, w2) = run(), run()
+    assert h1 == h2 and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -8,7 +8,8 @@ from torch import nn
 from conftest import TinyNet
 from eva_api import TensorLoader, fit, seed_everything
 from eva_api.data import ImageData, channel_stats, synthetic_split
-from eva_api.interpret import classification_report, grad_cam, most_confused, top_losses
+from eva_api.interpret import grad_cam
+from eva_api.metrics import classification_report, most_confused, top_losses
 from eva_api.lr_finder import lr_find
 from eva_api import predict
 

@@ -1,25 +1,29 @@
-"""Whole runs on tiny synthetic data: artifacts, checkpoints, exact resume, interruption, bad input."""
+"""Whole runs on tiny synthetic data and the tiny model: artifacts, checkpoints, exact resume after a real
+signal, changed-flag refusal, the run lock, bad input."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO
-from eva_api import CheckpointError, load_checkpoint, load_model, make_config, train
-from eva_api.loaders import TensorLoader
+from eva_api import (CheckpointError, ConfigError, Interrupted, count_parameters, evaluate, load_checkpoint, load_model,
+                     make_config, train)
+from eva_api import engine
+from eva_api.loaders import ClassicLoader, TensorLoader, eval_loader
 
-TINY = dict(dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32, progress=False,
+TINY = dict(model="tiny", dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32, progress=False,
             precision="fp32", gallery=8)
 KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_acc_tta")
 
 
 def strip_times(history):
-    return [{k: r[k] for k in KEYS} for r in history]
+    return [{k: r[k] for k in KEYS if k in r} for r in history]
+
+
+def same_weights(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -31,90 +35,112 @@ def full_run(tmp_path_factory):
 def test_run_writes_every_artifact_and_a_loadable_checkpoint(full_run):
     result, out = full_run
     for name in ("config.json", "history.json", "metrics.json", "checkpoint.pt", "curves.png", "misclassified.png",
-                 "confusion_matrix.png", "per_class.txt"):
+                 "confusion_matrix.png", "per_class.txt", "summary.md"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["synthetic"] and "synthetic" in metrics["data_source"] and metrics["parameters"] == 11_173_962
+    assert metrics["synthetic"] and "synthetic" in metrics["data_source"]
+    assert metrics["parameters"] == count_parameters(result.model)
     assert len(json.loads((out / "history.json").read_text())) == 3
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["epoch"] == 3 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["epoch"] == 3 and ckpt["world_size"] == 1 and ckpt["format_version"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert {"optimizer", "scheduler", "rng", "config", "history", "classes", "mean", "std"} <= set(ckpt)
     model = load_model(out / "checkpoint.pt", "cpu")
     assert not model.training and model.classes == result.data.classes
-    loader = TensorLoader(result.data.test, model.mean, model.std, 48, train=False)
-    from eva_api import evaluate
-
-    assert evaluate(model, loader)["acc"] == pytest.approx(result.history[-1]["test_acc"])
+    acc = evaluate(model, TensorLoader(result.data.test, model.mean, model.std, 48, train=False))["acc"]
+    assert acc == pytest.approx(result.history[-1]["test_acc"])
+    # the report reuses the last epoch's evaluation instead of running it again
+    assert metrics["final_test_acc"] == result.history[-1]["test_acc"]
 
 
 def test_a_seeded_cpu_run_repeats_exactly(full_run, tmp_path):
     result, _ = full_run
     again = train(make_config("fast", epochs=3, **TINY), tmp_path)
     assert strip_times(again.history) == strip_times(result.history)
+    assert same_weights(again.model, result.model)
 
 
-def interrupted_then_resumed(tmp_path, monkeypatch, stop_epoch, stop_batch, **overrides):
-    """Train 3 epochs with a Ctrl-C at (stop_epoch, stop_batch), check the checkpoint, resume to the end."""
-    original = TensorLoader.iter_from
+def signal_at(monkeypatch, epoch: int, batch: int | None, signum=signal.SIGINT):
+    """Send this process a real ``signum`` when training batch ``batch`` of ``epoch`` is fetched (None: during
+    that epoch's evaluation)."""
+    original_iter, original_eval = TensorLoader.iter_from, engine.evaluate
 
-    def interrupt(self, start):
-        for b, batch in enumerate(original(self, start)):
-            if self.train and self.epoch == stop_epoch and start + b == stop_batch:
-                raise KeyboardInterrupt
-            yield batch
-        if self.train and self.epoch == stop_epoch:
-            raise AssertionError("interruption point not reached")
+    def iter_from(self, start):
+        for b, item in enumerate(original_iter(self, start)):
+            if self.train and self.epoch == epoch and start + b == batch:
+                os.kill(os.getpid(), signum)
+            yield item
 
-    monkeypatch.setattr(TensorLoader, "iter_from", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config("fast", epochs=3, **TINY, **overrides), tmp_path)
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["epoch"] == stop_epoch - 1
-    assert (ckpt["epoch_state"] or {}).get("batches", 0) == stop_batch
-    monkeypatch.setattr(TensorLoader, "iter_from", original)
-    return train(make_config("fast", **TINY), tmp_path, resume=True)
+    def evaluate(model, loader, **kw):
+        if batch is None and len(calls) + 1 == epoch:
+            os.kill(os.getpid(), signum)
+        calls.append(1)
+        return original_eval(model, loader, **kw)
+
+    calls = []
+    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
 
 
-@pytest.mark.parametrize("stop_epoch,stop_batch", [(2, 1), (3, 0)])  # mid-epoch, and at an epoch boundary
-def test_interrupted_then_resumed_matches_an_uninterrupted_run(full_run, tmp_path, monkeypatch, stop_epoch, stop_batch):
+@pytest.mark.parametrize("epoch,batch,signum,saved", [
+    (2, 1, signal.SIGINT, (1, 2)),   # mid-epoch: the fetched batch is trained, then the loop stops
+    (2, 0, signal.SIGTERM, (1, 1)),
+    (2, None, signal.SIGINT, (2, 0)),  # during evaluation: the epoch ends, the next one does not start
+])
+def test_a_real_signal_saves_a_consistent_state_that_resumes_exactly(full_run, tmp_path, monkeypatch, epoch, batch,
+                                                                     signum, saved):
     result, _ = full_run
-    resumed = interrupted_then_resumed(tmp_path, monkeypatch, stop_epoch, stop_batch)
+    signal_at(monkeypatch, epoch, batch, signum)
+    with pytest.raises(Interrupted):
+        train(make_config("fast", epochs=3, **TINY), tmp_path)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (ckpt["epoch"], (ckpt["epoch_state"] or {}).get("batches", 0)) == saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = train(make_config("fast", epochs=3, **TINY), tmp_path, resume=True)
     assert strip_times(resumed.history) == strip_times(result.history)
+    assert same_weights(resumed.model, result.model)
 
 
-def test_ema_run_resumes_exactly_and_keeps_the_averaged_weights(tmp_path, monkeypatch):
-    whole = train(make_config("fast", epochs=3, ema=0.9, **TINY), tmp_path / "whole")
-    raw = [r["test_acc_raw"] for r in whole.history]
-    assert len(raw) == 3 and whole.metrics["final_test_acc"] == pytest.approx(whole.history[-1]["test_acc"])
-    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, ema=0.9)
+def test_s8_recipe_on_the_classic_loader_resumes_exactly(tmp_path, monkeypatch):
+    """The notebook's default path: classic DataLoader (no workers), dropout, multistep, course transforms."""
+    config = make_config("s8", epochs=2, milestones=(1,), num_workers=0, **{**TINY, "batch_size": 16})
+    whole = train(config, tmp_path / "whole")
+    original = ClassicLoader.iter_from
+
+    def iter_from(self, start):
+        for b, item in enumerate(original(self, start)):
+            if self.epoch == 2 and start + b == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+
+    monkeypatch.setattr(ClassicLoader, "iter_from", iter_from)
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "cut")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch_state"]["batches"] == 3
+    resumed = train(config, tmp_path / "cut", resume=True)
     assert strip_times(resumed.history) == strip_times(whole.history)
-    assert [r["test_acc_raw"] for r in resumed.history] == raw
-    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
-    kept = load_model(tmp_path / "resumed" / "checkpoint.pt", "cpu").state_dict()
-    assert all(torch.equal(kept[k], v) for k, v in ckpt["ema"].items())  # the average, not the last step
-    assert not all(torch.equal(kept[k], v) for k, v in ckpt["model"].items())
-    assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
+    assert same_weights(resumed.model, whole.model)
 
 
-def test_lookahead_run_resumes_exactly_and_ends_on_the_slow_weights(tmp_path, monkeypatch):
-    whole = train(make_config("fast", epochs=3, lookahead=3, **TINY), tmp_path / "whole")
-    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, lookahead=3)
-    assert strip_times(resumed.history) == strip_times(whole.history)
-    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
-    assert ckpt["lookahead"]["steps"] == 3 * 3  # 3 epochs of 96 / 32 batches
-    kept = load_model(tmp_path / "resumed" / "checkpoint.pt", "cpu").state_dict()
-    assert all(torch.equal(kept[k], v.to(kept[k].dtype)) for k, v in ckpt["lookahead"]["slow"].items())
-    assert all(torch.equal(kept[k], v) for k, v in whole.model.state_dict().items())
+def test_resume_refuses_changed_settings_naming_each_and_allows_runtime_ones(full_run, tmp_path):
+    _, out = full_run
+    with pytest.raises(ConfigError) as e:
+        train(make_config("fast", epochs=3, **{**TINY, "precision": "bf16"}, lr=0.2), out, resume=True)
+    msg = str(e.value)
+    assert "lr: 0.1 -> 0.2" in msg and "precision: 'fp32' -> 'bf16'" in msg and "\n" not in msg
+    # runtime fields may change: here progress and gallery; nothing left to train, so it only reports
+    again = train(make_config("fast", epochs=3, **{**TINY, "progress": True, "gallery": 4}), out, resume=True)
+    assert len(again.history) == 3
 
 
-def test_sgd_run_with_frozen_bn_scales_resumes_exactly(full_run, tmp_path, monkeypatch):
-    # the other resume tests run the fast recipe's Muon; this one the plain SGD path and the BN options
-    other = dict(optimizer="sgd", freeze_bn_scale=True, bn_bias_lr=4.0)
-    whole = train(make_config("fast", epochs=3, **other, **TINY), tmp_path / "whole")
-    assert strip_times(whole.history) != strip_times(full_run[0].history)  # the options took effect
-    resumed = interrupted_then_resumed(tmp_path / "resumed", monkeypatch, 2, 1, **other)
-    assert strip_times(resumed.history) == strip_times(whole.history)
-    assert "momentum_buffer" in next(iter(load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["optimizer"]["state"].values()))
+def test_old_config_keys_are_dropped_with_one_warning():
+    from eva_api import Config
+
+    with pytest.warns(UserWarning, match="ignoring config keys from an earlier eva_api version: ema, lookahead"):
+        config = Config.from_dict({**make_config("fast").to_dict(), "ema": 0.0, "lookahead": 0})
+    assert config == make_config("fast")
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
@@ -125,36 +151,71 @@ def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
-def test_truncated_checkpoint_is_a_one_line_error(full_run, tmp_path):
-    _, out = full_run
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes((out / "checkpoint.pt").read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
-        load_model(bad)
-    assert "\n" not in str(e.value)
+def test_a_run_folder_in_use_is_locked_and_a_dead_runs_lock_is_not(tmp_path):
+    import subprocess
+    import sys
+
+    from eva_api import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(CheckpointError, match="already writing into this folder"):
+            train(make_config("fast", epochs=1, **TINY), tmp_path)
+    # a lock held by a process that was killed: the OS dropped it with the process
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from eva_api import RunLock; "
+                             f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(CheckpointError, match="already writing"):
+        RunLock(tmp_path).acquire()
+    proc.kill()
+    proc.wait()
+    assert (tmp_path / ".lock").exists()
+    train(make_config("fast", epochs=1, **TINY), tmp_path)
 
 
-def test_nan_run_writes_no_checkpoint(tmp_path):
-    from eva_api import TrainingError
+def test_nan_run_writes_no_checkpoint(tmp_path, monkeypatch):
+    import torch.nn.functional as F
 
-    with pytest.raises(TrainingError):
-        train(make_config("fast", epochs=1, lr=1e12, start_lr_factor=1.0, **TINY), tmp_path)
+    from eva_api import TrainingError, runner
+
+    monkeypatch.setattr(runner.Setup, "criterion", lambda self: lambda logits, y: F.cross_entropy(logits, y) * float("nan"))
+    with pytest.raises(TrainingError, match="loss became nan in epoch 1"):
+        train(make_config("fast", epochs=1, **TINY), tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eva_api", "train", "--dataset", "synthetic", "--synthetic-train", "64",
-           "--synthetic-test", "16", "--batch-size", "16", "--epochs", "200", "--precision", "fp32", "--no-tta",
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 240
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted: checkpoint saved" in stdout and "Traceback" not in stderr
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+@pytest.mark.slow
+def test_full_resnet18_fast_recipe_smoke(tmp_path):
+    """The one in-process run of the real ResNet18 (whitened, frozen stem; Muon; bf16 where the CPU has it)."""
+    result = train(make_config("fast", epochs=1, **{**TINY, "model": "resnet18", "precision": "auto"}), tmp_path)
+    assert result.metrics["parameters"] == 11_173_962
+    assert load_model(tmp_path / "checkpoint.pt", "cpu").config.model == "resnet18"
+    ev = evaluate(result.model, eval_loader(result.data.test, result.data.mean, result.data.std, "cpu",
+                                            channels_last=True), precision=result.precision)
+    assert ev["acc"] == pytest.approx(result.history[-1]["test_acc"])
+
+
+def test_run_summary_is_built_from_the_config_and_results(full_run):
+    from eva_api import format_summary, run_summary
+
+    result, out = full_run
+    table = run_summary(result.config, result.metrics)
+    assert table["recipe / epochs"].startswith("fast / 3") and "Muon for the conv filters" in table["optimizer"]
+    assert "one-cycle" in table["schedule"] and "2-px reflect-pad random crop" in table["augmentation"]
+    assert f"{result.history[-1]['test_acc']:.2f}%" in table["final test accuracy"]
+    assert "SYNTHETIC" in table["data"] and "fp32 on cpu" == table["precision / device"]
+    s8 = run_summary(make_config("s8", cutout=8), {})
+    assert "SGD lr 0.01" in s8["optimizer"] and "Muon" not in s8["optimizer"] and "MultiStepLR" in s8["schedule"]
+    assert "dropout 0.25" in s8["regularization"] and "cutout 8x8" in s8["augmentation"]
+    assert (out / "summary.md").read_text().strip() == format_summary(table)
+
+
+def test_unfinished_run_finds_the_run_a_disconnect_left(full_run, tmp_path, monkeypatch):
+    from eva_api import unfinished_run
+
+    _, done = full_run
+    assert unfinished_run(done) is None  # finished
+    signal_at(monkeypatch, 2, 0)
+    with pytest.raises(Interrupted):
+        train(make_config("fast", epochs=3, **TINY), tmp_path / "runs" / "a")
+    assert unfinished_run(tmp_path / "runs") == tmp_path / "runs" / "a"

@@ -46,11 +46,11 @@ def test_the_whiten_init_flag_whitens_the_stem_of_a_new_run_only(monkeypatch, tm
 
     calls = []
     monkeypatch.setattr(runner, "whiten_stem_", lambda model, images, mean, std: calls.append(len(images)))
-    tiny = dict(dataset="synthetic", synthetic_train=64, synthetic_test=32, batch_size=32, progress=False,
-                precision="fp32", gallery=0, tta=False)
+    tiny = dict(model="tiny", dataset="synthetic", synthetic_train=64, synthetic_test=32, batch_size=32,
+                progress=False, precision="fp32", gallery=0, tta=False)
     train(make_config("fast", epochs=1, whiten_init=True, **tiny), tmp_path)
     assert calls == [64]
-    train(make_config("fast", epochs=2, whiten_init=True, **tiny), tmp_path, resume=True)
+    train(make_config("fast", epochs=1, whiten_init=True, **tiny), tmp_path, resume=True)
     assert calls == [64]  # a resumed run keeps its trained stem
     train(make_config("fast", epochs=1, whiten_init=False, **tiny), None)
     assert calls == [64]

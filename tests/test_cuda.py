@@ -1,0 +1,124 @@
+"""CUDA paths, skipped where there is no GPU: fp16 and bf16 epochs, no hidden host-device syncs in the
+training loop, exact resume, ``doctor``, and a single-process nccl run."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from eva_api import (EpochState, Interrupted, Precision, Stepper, TensorLoader, load_checkpoint, make_config, make_synthetic,
+                     train, train_one_epoch)
+from eva_api.models import get_model
+from eva_api.optim import build_optimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY = dict(model="tiny", dataset="synthetic", synthetic_train=128, synthetic_test=64, batch_size=32, progress=False,
+            gallery=4, device="cuda")
+
+
+def strip(history):
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in history]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_epoch_in_fp16_and_bf16(dtype):
+    if dtype is torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bf16 is only emulated below compute capability 8.0")
+    data = make_synthetic(256, 64)
+    torch.manual_seed(0)
+    model = get_model("tiny").cuda().to(memory_format=torch.channels_last)
+    precision = Precision("cuda", dtype)
+    stepper = Stepper(build_optimizer(model, make_config("fast")), scaler=precision.make_scaler())
+    loader = TensorLoader(data.train, data.mean, data.std, 32, train=True, device="cuda", channels_last=True)
+    loader.set_epoch(1)
+    tr = train_one_epoch(model, loader, stepper, criterion=torch.nn.CrossEntropyLoss(), precision=precision,
+                         progress=False)
+    assert tr["samples"] == 256 and torch.isfinite(torch.tensor(tr["loss"]))
+    assert (stepper.scaler is not None) == (dtype is torch.float16)
+
+
+def test_the_training_loop_makes_no_hidden_host_device_sync():
+    """bf16 (the fp16 GradScaler's overflow check reads the GPU by design). With the loss read only at the
+    epoch's end, every batch must run before the first sync, which the debug mode turns into an error."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bf16 path")
+    data = make_synthetic(24 * 16, 32)
+    torch.manual_seed(0)
+    model = get_model("resnet18").cuda().to(memory_format=torch.channels_last)
+    precision = Precision("cuda", torch.bfloat16)
+    optimizer = build_optimizer(model, make_config("fast"))
+    stepper = Stepper(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    loader = TensorLoader(data.train, data.mean, data.std, 16, train=True, device="cuda", channels_last=True,
+                          crop_padding=2, cutout_size=8)
+    kw = dict(criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.1), precision=precision, progress=False,
+              log_every=1000)
+    loader.set_epoch(1)
+    train_one_epoch(model, loader, stepper, **kw)  # warm-up: cuDNN autotuning, lazy init
+    torch.cuda.synchronize()
+    loader.set_epoch(2)
+    state = EpochState()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            train_one_epoch(model, loader, stepper, state=state, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert state.batches == len(loader) == 24  # the one sync is the end-of-epoch read of the sums
+
+
+def test_tensor_loader_batches_need_no_sync():
+    data = make_synthetic(128, 32)
+    loader = TensorLoader(data.train, data.mean, data.std, 32, train=True, device="cuda", crop_padding=2,
+                          cutout_size=8, channels_last=True)
+    loader.set_epoch(1)
+    it = loader.iter_from(0)
+    next(it)  # the once-per-epoch draws and their copy happen here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(it)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(rest) == 3
+
+
+def test_exact_resume_on_cuda(tmp_path, monkeypatch):
+    torch.backends.cudnn.deterministic = True  # cuDNN's autotuned kernels may differ from run to run
+    try:
+        whole = train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "whole")
+        original = TensorLoader.iter_from
+
+        def iter_from(self, start):
+            for b, item in enumerate(original(self, start)):
+                if self.train and self.epoch == 2 and start + b == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield item
+
+        monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+        with pytest.raises(Interrupted):
+            train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "cut")
+        monkeypatch.undo()
+        assert "cuda" in load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["rng"][0]
+        resumed = train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "cut", resume=True)
+    finally:
+        torch.backends.cudnn.deterministic = False
+    assert strip(resumed.history) == strip(whole.history)
+
+
+def test_doctor_passes_on_the_gpu():
+    proc = subprocess.run([sys.executable, "-m", "eva_api", "doctor", "--device", "cuda"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "all checks passed" in proc.stdout
+
+
+def test_single_process_nccl_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           str(REPO / "tests" / "tiny_cli.py"), "train", "--model", "tiny", "--dataset", "synthetic",
+                           "--synthetic-train", "128", "--synthetic-test", "64", "--batch-size", "32", "--epochs", "1",
+                           "--no-progress", "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "device cuda:0 x1" in proc.stdout and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
