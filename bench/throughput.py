@@ -85,6 +85,8 @@ def eval_seconds(split: Split, mean, std, device, precision: Precision, batch: i
         with precision.autocast():
             model(x)
         break
+    if device.type == "cuda":  # the warm-up's kernels finish before the clock starts
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for x, _ in loader:
         with precision.autocast():

@@ -46,14 +46,15 @@ def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+        reason = "disk full" if full else (getattr(e, "strerror", None) or f"{type(e).__name__}: {str(e)[:80]}")
         raise CheckpointError(f"{path}: could not write the checkpoint ({reason}); "
                               f"the previous checkpoint, if any, is unchanged") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fsync_dir(path.parent)  # after the rename: the new file is in place whatever this says
     return path
 
 
@@ -61,9 +62,16 @@ def _fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` survive a power cut (POSIX; Windows has no directory fsync)."""
     if os.name != "posix":
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError as e:  # some network and WSL mounts cannot sync a folder: the data itself was synced
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise CheckpointError(f"{folder}: could not sync the folder after writing the checkpoint "
+                                  f"({e.strerror})") from None
     finally:
         os.close(fd)
 
@@ -146,7 +154,10 @@ class RunLock:
             return self
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks on this file system
+                self._file = f
+                return self
             f.seek(0)
             owner = f.read().strip() or "another process"
             f.close()
@@ -157,6 +168,8 @@ class RunLock:
         f.write(f"pid {os.getpid()}")
         f.flush()
         self._file = f
+        for stale in folder.glob(".*.tmp"):  # a save cut short by kill -9; the lock says nobody else writes
+            stale.unlink(missing_ok=True)
         return self
 
     def release(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import ConfigError
 from .runtime import pick_device
 
 
@@ -42,9 +43,12 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> Dis
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
-    if world_size <= 1:
+    if world_size <= 1 and "RANK" not in os.environ:  # a plain process; under torchrun even 1 rank joins a group
         return DistInfo(0, 0, 1, device)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started more processes on this machine than it has GPUs "
+                              f"({torch.cuda.device_count()}); use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -58,15 +58,10 @@ def run_checks(device: torch.device, batch: int | None = None, steps: int | None
     gpu = device.type == "cuda"
     batch = batch or (256 if gpu else 32)
     steps = steps or (20 if gpu else 3)
-    configure_backends(device)
     precision = pick_precision(device, "auto")
     data = make_synthetic(batch * (steps + 1), 2 * batch)
     config = make_config("fast", precision=precision.name)
-    torch.manual_seed(0)
-    model = get_model("resnet18").to(device).to(memory_format=torch.channels_last)
-    stepper = Stepper(build_optimizer(model, config), scaler=precision.make_scaler())
-    loader = TensorLoader(data.train, data.mean, data.std, batch, train=True, device=device, channels_last=True,
-                          crop_padding=2)
+    model = stepper = loader = None
     results: list[tuple[str, bool, str]] = []
 
     def check(name: str, fn: Callable[[], str]) -> None:
@@ -76,6 +71,16 @@ def run_checks(device: torch.device, batch: int | None = None, steps: int | None
             where = traceback.extract_tb(e.__traceback__)[-1]
             results.append((name, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                          f"({Path(where.filename).name}:{where.lineno})"))
+
+    def setup() -> str:  # the first work on the device: a broken driver or a wheel without its kernels shows here
+        nonlocal model, stepper, loader
+        configure_backends(device)
+        torch.manual_seed(0)
+        model = get_model("resnet18").to(device).to(memory_format=torch.channels_last)
+        stepper = Stepper(build_optimizer(model, config), scaler=precision.make_scaler())
+        loader = TensorLoader(data.train, data.mean, data.std, batch, train=True, device=device, channels_last=True,
+                              crop_padding=2)
+        return f"ResNet18 and {len(data.train) + len(data.test)} synthetic images on {device}"
 
     def train_steps() -> str:
         loader.set_epoch(1)
@@ -128,9 +133,11 @@ def run_checks(device: torch.device, batch: int | None = None, steps: int | None
             raise RuntimeError(f"{same}/{len(x)} predictions agree, max logit difference {diff:.3g}")
         return f"written, reloaded on the CPU: {same}/{len(x)} predictions agree (max logit difference {diff:.1e})"
 
-    check("train", train_steps)
-    check("evaluate", evaluation)
-    check("checkpoint", checkpoint_roundtrip)
+    check("setup", setup)
+    if results[-1][1]:
+        check("train", train_steps)
+        check("evaluate", evaluation)
+        check("checkpoint", checkpoint_roundtrip)
     return results
 
 

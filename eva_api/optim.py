@@ -23,12 +23,13 @@ from .whitening import first_conv
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for the 2-D ``g = U S V^T`` (singular values end up in about [0.5, 1.5]).
 
-    Runs in bf16, as Muon does: a few large matmuls, fast on GPUs and on CPUs with bf16 units."""
+    Runs in bf16, as Muon does: a few large matmuls, fast on GPUs and on CPUs with bf16 units (``dtype``:
+    for bench/muon_cost.py's fp32 comparison)."""
     a, b, c = _NS_COEFFS
-    x = g.to(torch.bfloat16)
+    x = g.to(dtype)
     x = x / (x.norm() + eps)  # top singular value <= 1, inside the iteration's basin
     tall = x.size(0) > x.size(1)
     if tall:

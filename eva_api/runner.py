@@ -20,7 +20,7 @@ from . import plots
 from .checkpoint import RunLock, load_checkpoint, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, replace, resume_conflicts, save_config
 from .data import ImageData, load_data
-from .distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, gather_objects, init_distributed
 from .engine import EpochState, History, evaluate, fit
 from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms, eval_loader
@@ -247,13 +247,17 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
             raise ConfigError(f"cannot resume {ckpt_path} with changed settings ({'; '.join(conflicts)}); only "
                               f"{', '.join(RUNTIME_FIELDS)} may change. Start a new run (another --out) to change others")
         config = replace(saved, **{k: getattr(config, k) for k in RUNTIME_FIELDS})
+    def refuse_existing() -> None:
+        if ckpt is None and out is not None and (out / CHECKPOINT).exists():
+            raise CheckpointError(f"{out / CHECKPOINT} exists; pass --resume to continue that run or choose another --out")
+
+    refuse_existing()  # on every rank, before any collective: all ranks stop alike
     dist = init_distributed(config.device)
     lock = RunLock(out) if out is not None and dist.is_main else None
     try:
         if lock is not None:
             lock.acquire()
-            if ckpt is None and (out / CHECKPOINT).exists():
-                raise CheckpointError(f"{out / CHECKPOINT} exists; pass --resume to continue that run or choose another --out")
+            refuse_existing()  # again under the lock: a run that finished meanwhile is not overwritten
         return _train(config, out, ckpt, dist, data)
     finally:
         if lock is not None:
@@ -274,7 +278,7 @@ def _resume_state(setup: Setup, ckpt: dict) -> tuple[History, int, EpochState | 
                               f"process(es); resume it with {saved_world} (a checkpoint from an epoch's end resumes "
                               f"under any number)")
         epoch_state = EpochState(**ckpt["epoch_state"])
-        if not dist.is_main:  # the saved sums are rank 0's own: count them once in the all-reduce
+        if not dist.is_main:  # the saved sums are all ranks' together: rank 0 carries them, counted once
             epoch_state.samples, epoch_state.loss_sum, epoch_state.correct = 0, 0.0, 0
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
     if dist.rank < len(rngs):
@@ -308,7 +312,12 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
     def checkpoint(epochs_done: int, state: EpochState | None) -> None:
         if out is None:
             return
-        rngs = gather_objects(rng_states(device))  # a collective: every rank takes part, rank 0 writes
+        rngs = gather_objects(rng_states(device))  # collectives: every rank takes part, rank 0 writes
+        if state is not None:  # the unfinished epoch's sums over all ranks (rank 0 alone carries them on resume)
+            state = EpochState(**vars(state))
+            state.loss_sum, state.correct, state.samples = all_reduce_sum(
+                [state.loss_sum, state.correct, state.samples], device)
+            state.correct, state.samples = int(state.correct), int(state.samples)
         if dist.is_main:
             save_checkpoint(out / CHECKPOINT, model=model, **setup.stepper.state_dict(), epoch=epochs_done,
                             epoch_state=vars(state) if state else None, world_size=dist.world_size,

@@ -2,7 +2,9 @@
 (registered as model ``tiny``)."""
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import socket
 from pathlib import Path
 
@@ -73,3 +75,30 @@ TinyNet = TinyResNet  # a small CNN for tests where the architecture does not ma
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
+
+
+def signal_at(monkeypatch, epoch: int, batch: int | None, signum: int = signal.SIGINT, loader=None) -> None:
+    """Send this process a real ``signum`` when training batch ``batch`` of ``epoch`` is fetched, or, with
+    ``batch=None``, when evaluation number ``epoch`` starts. ``loader``: the loader class to hook
+    (default TensorLoader)."""
+    from eva_api import engine
+    from eva_api.loaders import TensorLoader
+
+    cls = loader or TensorLoader
+    original_iter, original_eval = cls.iter_from, engine.evaluate
+    calls = []
+
+    def iter_from(self, start):
+        for b, item in enumerate(original_iter(self, start)):
+            if getattr(self, "train", True) and self.epoch == epoch and start + b == batch:
+                os.kill(os.getpid(), signum)
+            yield item
+
+    def evaluate(*args, **kw):
+        calls.append(1)
+        if batch is None and len(calls) == epoch:
+            os.kill(os.getpid(), signum)
+        return original_eval(*args, **kw)
+
+    monkeypatch.setattr(cls, "iter_from", iter_from)
+    monkeypatch.setattr(engine, "evaluate", evaluate)

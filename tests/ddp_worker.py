@@ -2,16 +2,20 @@
 
 usage: ddp_worker.py OUT_DIR EPOCHS [resume]; each rank writes OUT_DIR/rank<R>.pt with its weights, its
 History and the training sample indices it visited in epoch 1. EVA_TEST_DATA=PATH
-trains on that ImageFolder instead of synthetic data and records which ranks decoded it.
+trains on that ImageFolder instead of synthetic data and records which ranks decoded it;
+EVA_TEST_BATCH sets the global batch size; EVA_TEST_STOP_AT=EPOCH:BATCH sends rank 0 alone a real SIGINT
+when it fetches that training batch.
 """
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tinymodel  # noqa: E402,F401  (registers the model)
+from conftest import signal_at  # noqa: E402
 
 from eva_api import data as data_mod  # noqa: E402
 from eva_api import make_config, train  # noqa: E402
@@ -34,7 +38,10 @@ if os.environ.get("EVA_TEST_DATA"):
         return decode(*args, **kwargs)
 
     data_mod._read_imagefolder_split = recording
-config = make_config("fast", model="tiny", batch_size=32, epochs=epochs, precision="fp32", progress=False, gallery=4,
+if os.environ.get("EVA_TEST_STOP_AT") and rank == 0:
+    stop_epoch, stop_batch = map(int, os.environ["EVA_TEST_STOP_AT"].split(":"))
+    signal_at(pytest.MonkeyPatch(), stop_epoch, stop_batch)
+config = make_config("fast", model="tiny", batch_size=int(os.environ.get("EVA_TEST_BATCH", "32")), epochs=epochs, precision="fp32", progress=False, gallery=4,
                      device="cpu", **source)
 result = train(config, out, resume=resume)
 train_loader, _ = build_loaders(result.data, config, DistInfo(rank, rank, world), torch.device("cpu"))

@@ -1,6 +1,5 @@
 """The command line end to end on synthetic data (the tiny test model through tests/tiny_cli.py, the real
 ``python -m eva_api`` where ResNet18 matters), and its one-line errors (exit 2, no traceback)."""
-import pickle
 import subprocess
 import sys
 
@@ -149,7 +148,7 @@ def test_trust_checkpoint_reads_an_old_pickled_checkpoint(run_dir, tmp_path):
 def test_doctor_passes_here():
     proc = cli("doctor", tiny=False, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    for line in ("torch:", "torchvision:", "CUDA:", "cuDNN:", "device:", "precision (auto):", "PASS train:",
+    for line in ("torch:", "torchvision:", "CUDA:", "cuDNN:", "device:", "precision (auto):", "PASS setup:", "PASS train:",
                  "PASS evaluate:", "PASS checkpoint:", "all checks passed"):
         assert line in proc.stdout, line
 

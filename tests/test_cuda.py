@@ -1,14 +1,12 @@
 """CUDA paths, skipped where there is no GPU: fp16 and bf16 epochs, no hidden host-device syncs in the
 training loop, exact resume, ``doctor``, and a single-process nccl run."""
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, signal_at
 from eva_api import (EpochState, Interrupted, Precision, Stepper, TensorLoader, load_checkpoint, make_config, make_synthetic,
                      train, train_one_epoch)
 from eva_api.models import get_model
@@ -88,15 +86,7 @@ def test_exact_resume_on_cuda(tmp_path, monkeypatch):
     torch.backends.cudnn.deterministic = True  # cuDNN's autotuned kernels may differ from run to run
     try:
         whole = train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "whole")
-        original = TensorLoader.iter_from
-
-        def iter_from(self, start):
-            for b, item in enumerate(original(self, start)):
-                if self.train and self.epoch == 2 and start + b == 1:
-                    os.kill(os.getpid(), signal.SIGINT)
-                yield item
-
-        monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+        signal_at(monkeypatch, 2, 1)
         with pytest.raises(Interrupted):
             train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "cut")
         monkeypatch.undo()

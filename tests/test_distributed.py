@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, write_imagefolder
+from conftest import REPO, signal_at, write_imagefolder
 from eva_api import (Interrupted, evaluate, load_checkpoint, load_model, make_config, make_synthetic, train)
 from eva_api.loaders import TensorLoader
 
@@ -76,33 +76,9 @@ def test_rank_0_alone_decodes_the_data_and_writes_the_cache(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
 
 
-def _stop_in_epoch_2(monkeypatch, batch):
-    import signal
-
-    original = TensorLoader.iter_from
-
-    def iter_from(self, start):
-        for b, item in enumerate(original(self, start)):
-            if self.train and self.epoch == 2 and start + b == batch:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-
-    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
-
-
 def test_epoch_boundary_checkpoint_resumes_under_another_world_size(tmp_path, monkeypatch):
     """Epoch 1 in this process (world size 1), stopped before epoch 2's first step; epoch 2 under 2 ranks."""
-    from eva_api import engine
-
-    original = engine.evaluate
-
-    def evaluate_then_stop(*args, **kwargs):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGINT)  # lands in epoch 1's evaluation: the run stops at the boundary
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
+    signal_at(monkeypatch, 1, None)  # lands in epoch 1's evaluation: the run stops at the boundary
     with pytest.raises(Interrupted):
         train(make_config("fast", epochs=2, **TINY), tmp_path)
     monkeypatch.undo()
@@ -115,7 +91,7 @@ def test_epoch_boundary_checkpoint_resumes_under_another_world_size(tmp_path, mo
 
 
 def test_mid_epoch_checkpoint_refuses_another_world_size_with_one_line(tmp_path, monkeypatch):
-    _stop_in_epoch_2(monkeypatch, 0)
+    signal_at(monkeypatch, 2, 0)
     with pytest.raises(Interrupted):
         train(make_config("fast", epochs=2, **TINY), tmp_path)
     monkeypatch.undo()
@@ -125,7 +101,39 @@ def test_mid_epoch_checkpoint_refuses_another_world_size_with_one_line(tmp_path,
     assert "stopped in the middle of epoch 2 under 1 process(es); resume it with 1" in proc.stderr
 
 
+def test_a_mid_epoch_ddp_resume_counts_every_ranks_sums_once(tmp_path):
+    """Rank 0 alone gets the signal; both ranks stop at the same step (the flag is asked every 25 steps
+    under DDP, so 48 steps an epoch), the saved sums are both ranks', and the resumed History is the
+    uninterrupted one."""
+    env = {"EVA_TEST_BATCH": "2"}
+    ref = torchrun(str(tmp_path / "ref"), "2", env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cut = torchrun(str(tmp_path / "cut"), "2", env={**env, "EVA_TEST_STOP_AT": "2:3"})
+    assert cut.returncode != 0 and "interrupted: checkpoint saved" in cut.stdout
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch_state"]
+    assert state["batches"] == 25 and state["samples"] == 50  # 25 steps of 1 image on each of 2 ranks
+    resumed = torchrun(str(tmp_path / "cut"), "2", "resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "rank0.pt", weights_only=True)["history"] for d in ("ref", "cut"))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-12)  # sums added in another order
+        for k in ("train_acc", "test_loss", "test_acc", "lr"):
+            assert ra[k] == rb[k], k
+
+
 def test_a_failing_rank_ends_the_job_with_a_message(tmp_path):
     proc = torchrun(str(tmp_path), "2", env={"EVA_TEST_FAIL_RANK": "1"}, timeout=240)
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stderr + proc.stdout
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from eva_api import ConfigError, distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="more processes on this machine than it has GPUs"):
+        distributed.init_distributed("auto")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TinyNet
+from conftest import TinyNet, signal_at
 from eva_api import (History, Precision, Stepper, TensorLoader, TrainingError, evaluate, fit, format_test_line,
                      make_synthetic, pick_precision, seed_everything, train_one_epoch)
 from eva_api import runtime
@@ -138,23 +138,12 @@ def test_fp16_epoch_on_the_cpu_skips_and_counts_an_overflowing_step():
 
 
 def test_fp16_run_saves_the_scaler_and_resumes_exactly(tmp_path, monkeypatch):
-    import os
-    import signal
-
     from eva_api import Interrupted, load_checkpoint, make_config, train
 
     tiny = dict(model="tiny", dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32,
                 progress=False, precision="fp16", gallery=4, epochs=2)
     whole = train(make_config("fast", **tiny), tmp_path / "whole")
-    original = TensorLoader.iter_from
-
-    def iter_from(self, start):
-        for b, item in enumerate(original(self, start)):
-            if self.train and self.epoch == 2 and start + b == 0:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-
-    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
+    signal_at(monkeypatch, 2, 0)
     with pytest.raises(Interrupted):
         train(make_config("fast", **tiny), tmp_path / "cut")
     monkeypatch.undo()

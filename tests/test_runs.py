@@ -1,7 +1,6 @@
 """Whole runs on tiny synthetic data and the tiny model: artifacts, checkpoints, exact resume after a real
 signal, changed-flag refusal, the run lock, bad input."""
 import json
-import os
 import signal
 
 import pytest
@@ -9,8 +8,9 @@ import torch
 
 from eva_api import (CheckpointError, ConfigError, Interrupted, count_parameters, evaluate, load_checkpoint, load_model,
                      make_config, train)
-from eva_api import engine
 from eva_api.loaders import ClassicLoader, TensorLoader, eval_loader
+
+from conftest import signal_at
 
 TINY = dict(model="tiny", dataset="synthetic", synthetic_train=96, synthetic_test=48, batch_size=32, progress=False,
             precision="fp32", gallery=8)
@@ -60,28 +60,6 @@ def test_a_seeded_cpu_run_repeats_exactly(full_run, tmp_path):
     assert same_weights(again.model, result.model)
 
 
-def signal_at(monkeypatch, epoch: int, batch: int | None, signum=signal.SIGINT):
-    """Send this process a real ``signum`` when training batch ``batch`` of ``epoch`` is fetched (None: during
-    that epoch's evaluation)."""
-    original_iter, original_eval = TensorLoader.iter_from, engine.evaluate
-
-    def iter_from(self, start):
-        for b, item in enumerate(original_iter(self, start)):
-            if self.train and self.epoch == epoch and start + b == batch:
-                os.kill(os.getpid(), signum)
-            yield item
-
-    def evaluate(model, loader, **kw):
-        if batch is None and len(calls) + 1 == epoch:
-            os.kill(os.getpid(), signum)
-        calls.append(1)
-        return original_eval(model, loader, **kw)
-
-    calls = []
-    monkeypatch.setattr(TensorLoader, "iter_from", iter_from)
-    monkeypatch.setattr(engine, "evaluate", evaluate)
-
-
 @pytest.mark.parametrize("epoch,batch,signum,saved", [
     (2, 1, signal.SIGINT, (1, 2)),   # mid-epoch: the fetched batch is trained, then the loop stops
     (2, 0, signal.SIGTERM, (1, 1)),
@@ -106,15 +84,7 @@ def test_s8_recipe_on_the_classic_loader_resumes_exactly(tmp_path, monkeypatch):
     """The notebook's default path: classic DataLoader (no workers), dropout, multistep, course transforms."""
     config = make_config("s8", epochs=2, milestones=(1,), num_workers=0, **{**TINY, "batch_size": 16})
     whole = train(config, tmp_path / "whole")
-    original = ClassicLoader.iter_from
-
-    def iter_from(self, start):
-        for b, item in enumerate(original(self, start)):
-            if self.epoch == 2 and start + b == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-
-    monkeypatch.setattr(ClassicLoader, "iter_from", iter_from)
+    signal_at(monkeypatch, 2, 2, loader=ClassicLoader)
     with pytest.raises(Interrupted):
         train(config, tmp_path / "cut")
     monkeypatch.undo()

@@ -1,10 +1,13 @@
-"""``python tests/tiny_cli.py ARGS``: the eva_api CLI with the ``tiny`` test model registered, and test hooks.
+"""``python tests/tiny_cli.py ARGS``: the eva_api CLI with the ``tiny`` test model registered, and test hooks
+(``forked_main`` runs the same in a process forked from a server that imported it once).
 
 EVA_TEST_SIGNAL="PHASE:N:SIG[,PHASE:N:SIG...]" sends this process the real signal SIG (INT, TERM or KILL) at
 the N-th time (1-based) it reaches PHASE: ``batch`` (a training batch is fetched), ``step`` (inside the optimizer step,
 before any parameter moves), ``save`` (inside a checkpoint write, before the file is complete) or
 ``eval`` (inside an evaluation).
 """
+from __future__ import annotations
+
 import os
 import signal
 import sys
@@ -68,6 +71,24 @@ def install_hook(specs: str) -> None:
     engine.evaluate = evaluate
 
 
-if os.environ.get("EVA_TEST_SIGNAL"):
-    install_hook(os.environ["EVA_TEST_SIGNAL"])
-sys.exit(cli.main())
+def forked_main(argv: list[str], signals: str | None, log: str) -> None:
+    """The body of a process forked from a server that imported this module (and torch) once: output to
+    ``log``, one thread (as ``OMP_NUM_THREADS=1``), the hooks, the CLI; exits with the CLI's code."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    if signals:
+        install_hook(signals)
+    try:
+        code = cli.main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    if os.environ.get("EVA_TEST_SIGNAL"):
+        install_hook(os.environ["EVA_TEST_SIGNAL"])
+    sys.exit(cli.main())

@@ -1,0 +1,114 @@
+"""What Muon's Newton-Schulz orthogonalization costs per optimizer step, and what each lever saves.
+
+    python bench/muon_cost.py                # ResNet18's trained filter banks, batch 64, ~3 minutes on 2 cores
+    python bench/muon_cost.py --rounds 3 --batch-size 128
+
+Side by side in one process, alternating round by round (A B C ... A B C ...) so drift hits every row:
+- the model step alone (forward + backward + SGD, bf16 autocast, channels_last, synthetic batch): the SGD
+  epoch's cost per step;
+- the orthogonalization of every trained conv filter bank as the `fast` recipe does it (3 quintic
+  Newton-Schulz iterations in bf16, one bank at a time), and the levers: 2 iterations, the iteration in
+  fp32, same-shape banks stacked into one batched matmul, and orthogonalizing every other step (half the
+  calls; its cost is measured as such, its effect on accuracy is not measured here).
+Each row prints the median milliseconds per optimizer step and the epoch's images/s predicted as
+``batch / (model step + orthogonalization)``, as a share of the SGD step's images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from eva_api import ResNet18  # noqa: E402
+from eva_api.optim import _NS_COEFFS, orthogonalize  # noqa: E402
+
+
+def batched_orthogonalize(gs: list[torch.Tensor], steps: int = 3, eps: float = 1e-7) -> list[torch.Tensor]:
+    """:func:`orthogonalize` for banks of one shape at once (a stack, one bmm per product)."""
+    a, b, c = _NS_COEFFS
+    x = torch.stack(gs).to(torch.bfloat16)
+    x = x / (x.flatten(1).norm(dim=1)[:, None, None] + eps)
+    tall = x.size(1) > x.size(2)
+    if tall:
+        x = x.transpose(1, 2)
+    for _ in range(steps):
+        s = x @ x.transpose(1, 2)
+        x = a * x + (b * s + c * (s @ s)) @ x
+    x = x.transpose(1, 2) if tall else x
+    return list(x.to(gs[0].dtype).unbind(0))
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1000.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3, help="calls timed per row and round")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = ResNet18().to(memory_format=torch.channels_last)
+    # the banks `fast` orthogonalizes: every conv filter but the frozen stem, as 2-D momentum matrices
+    banks = [p.detach().reshape(len(p), -1).clone() for n, p in model.named_parameters() if p.ndim == 4 and n != "conv1.weight"]
+    shapes: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for g in banks:
+        shapes.setdefault(tuple(g.shape), []).append(g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+
+    def model_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    rows: dict[str, Callable[[], object]] = {
+        "model step (fwd + bwd + SGD), the SGD epoch": model_step,
+        "Muon as shipped: 3 NS iterations, bf16, per bank": lambda: [orthogonalize(g) for g in banks],
+        "2 NS iterations": lambda: [orthogonalize(g, steps=2) for g in banks],
+        "3 NS iterations in fp32": lambda: [orthogonalize(g, dtype=torch.float32) for g in banks],
+        "same-shape banks batched (bmm), bf16": lambda: [batched_orthogonalize(v) for v in shapes.values()],
+    }
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for _ in range(args.rounds):
+        for name, fn in rows.items():
+            times[name].append(timed(fn, args.repeat))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    step = med["model step (fwd + bwd + SGD), the SGD epoch"]
+    shipped = med["Muon as shipped: 3 NS iterations, bf16, per bank"]
+    med["every other step (half the shipped calls)"] = shipped / 2
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; batch {args.batch_size}; {len(banks)} filter banks "
+          f"in {len(shapes)} shapes; medians of {args.rounds} rounds x {args.repeat} calls")
+    print("| what | ms per step | vs shipped Muon | predicted epoch img/s | share of SGD img/s |")
+    print("|---|---|---|---|---|")
+    for name, ms in med.items():
+        if name.startswith("model step"):
+            print(f"| {name} | {ms:.0f} | | {args.batch_size / ms * 1000:.1f} | 100% |")
+            continue
+        rate = args.batch_size / (step + ms) * 1000
+        print(f"| {name} | {ms:.0f} | {ms / shipped:.2f}x | {rate:.1f} | {step / (step + ms):.0%} |")
+    print(f"muon_share_of_sgd_rate={step / (step + shipped):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
