@@ -1,6 +1,6 @@
 """What Muon's Newton-Schulz orthogonalization costs per optimizer step, and what each lever saves.
 
-    python bench/muon_cost.py                # ResNet18's trained filter banks, batch 64, ~3 minutes on 2 cores
+    python bench/muon_cost.py                # ResNet18's filter-bank shapes, batch 64, ~3 minutes on 2 cores
     python bench/muon_cost.py --rounds 3 --batch-size 128
 
 Side by side in one process, alternating round by round (A B C ... A B C ...) so drift hits every row:

@@ -122,10 +122,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     classes = ckpt.get("classes") or [str(i) for i in range(10)]
     model = get_model(config.model, num_classes=len(classes), dropout=config.dropout)
     try:
-        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        model.load_state_dict(strip_prefixes(ckpt.get("ema") or ckpt["model"]))  # "ema": a 0.1 run with --ema
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {config.model} ({str(e).splitlines()[0]})") from None
     model.to(device).eval()
+    if config.channels_last:  # as it trained: bf16 convolutions round differently in NCHW
+        model.to(memory_format=torch.channels_last)
     model.classes, model.mean, model.std = list(classes), tuple(ckpt["mean"]), tuple(ckpt["std"])
     model.config = config
     return model

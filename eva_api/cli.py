@@ -121,7 +121,8 @@ def _checkpoint_and_test_data(args):
     if len(data.classes) != len(model.classes):
         raise DataError(f"{args.data}: {len(data.classes)} classes, but the checkpoint was trained on {len(model.classes)}")
     device = next(model.parameters()).device
-    return model, data, eval_loader(data.test, model.mean, model.std, device, args.batch_size)
+    return model, data, eval_loader(data.test, model.mean, model.std, device, args.batch_size,
+                                    channels_last=model.config.channels_last)
 
 
 def _data_line(data) -> str:

@@ -44,20 +44,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_checks(device: torch.device, batch: int | None = None, steps: int | None = None) -> list[tuple[str, bool, str]]:
+def run_checks(device: torch.device) -> list[tuple[str, bool, str]]:
     """(name, passed, detail) for the training, evaluation and checkpoint checks on ``device``."""
     from .checkpoint import load_model, save_checkpoint
     from .config import make_config
     from .data import make_synthetic
     from .engine import evaluate
-    from .loaders import TensorLoader, eval_loader
+    from .loaders import TensorLoader, eval_loader, normalize
     from .models import get_model
     from .optim import Stepper, build_optimizer
     from .runtime import configure_backends, pick_precision
 
     gpu = device.type == "cuda"
-    batch = batch or (256 if gpu else 32)
-    steps = steps or (20 if gpu else 3)
+    batch, steps = (256, 20) if gpu else (32, 3)  # a few seconds either way
     precision = pick_precision(device, "auto")
     data = make_synthetic(batch * (steps + 1), 2 * batch)
     config = make_config("fast", precision=precision.name)
@@ -111,8 +110,7 @@ def run_checks(device: torch.device, batch: int | None = None, steps: int | None
         return f"{len(data.test)} images: {len(data.test) / seconds:,.0f} eval img/s"
 
     def checkpoint_roundtrip() -> str:
-        x = TensorLoader(data.test, data.mean, data.std, batch, train=False, device=device).normalize(
-            data.test.images[:64].to(device))
+        x = normalize(data.test.images[:64].to(device), data.mean, data.std)
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare in true fp32
         try:

@@ -47,6 +47,7 @@ def test_run_writes_every_artifact_and_a_loadable_checkpoint(full_run):
     assert {"optimizer", "scheduler", "rng", "config", "history", "classes", "mean", "std"} <= set(ckpt)
     model = load_model(out / "checkpoint.pt", "cpu")
     assert not model.training and model.classes == result.data.classes
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # as it trained
     acc = evaluate(model, TensorLoader(result.data.test, model.mean, model.std, 48, train=False))["acc"]
     assert acc == pytest.approx(result.history[-1]["test_acc"])
     # the report reuses the last epoch's evaluation instead of running it again
@@ -111,6 +112,15 @@ def test_old_config_keys_are_dropped_with_one_warning():
     with pytest.warns(UserWarning, match="ignoring config keys from an earlier eva_api version: ema, lookahead"):
         config = Config.from_dict({**make_config("fast").to_dict(), "ema": 0.0, "lookahead": 0})
     assert config == make_config("fast")
+
+
+def test_a_checkpoint_of_an_ema_run_loads_the_averaged_weights(full_run, tmp_path):
+    """0.1's --ema runs stored the average as "ema"; load_model returned it then and still does."""
+    _, out = full_run
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["ema"] = {k: torch.zeros_like(v) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "ema.pt")
+    assert not load_model(tmp_path / "ema.pt", "cpu").conv1.weight.any()
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(full_run):
