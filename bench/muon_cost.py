@@ -2,14 +2,16 @@
 
     python bench/muon_cost.py                # ResNet18's filter-bank shapes, batch 64, ~3 minutes on 2 cores
     python bench/muon_cost.py --rounds 3 --batch-size 128
+    python bench/muon_cost.py --rounds 2 --repeat 1   # CPUs without bf16 units: emulated bf16 is ~30 s a call
 
 Side by side in one process, alternating round by round (A B C ... A B C ...) so drift hits every row:
-- the model step alone (forward + backward + SGD, bf16 autocast, channels_last, synthetic batch): the SGD
-  epoch's cost per step;
-- the orthogonalization of every trained conv filter bank as the `fast` recipe does it (3 quintic
-  Newton-Schulz iterations in bf16, one bank at a time), and the levers: 2 iterations, the iteration in
-  fp32, same-shape banks stacked into one batched matmul, and orthogonalizing every other step (half the
-  calls; its cost is measured as such, its effect on accuracy is not measured here).
+- the model step alone (forward + backward + SGD in the precision a run picks here, channels_last,
+  synthetic batch): the SGD epoch's cost per step;
+- the orthogonalization of every trained conv filter bank as the `fast` recipe does it here (3 quintic
+  Newton-Schulz iterations, one bank at a time, in bf16 where the run computes in bf16, else fp32), and
+  the levers: 2 iterations, the iteration in the other dtype (fp32 / bf16), same-shape banks stacked into
+  one batched matmul, and orthogonalizing every other step (half the calls; its cost is measured as such,
+  its effect on accuracy is not measured here).
 Each row prints the median milliseconds per optimizer step and the epoch's images/s predicted as
 ``batch / (model step + orthogonalization)``, as a share of the SGD step's images/s.
 """
@@ -27,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from eva_api import ResNet18  # noqa: E402
-from eva_api.optim import _NS_COEFFS, orthogonalize  # noqa: E402
+from eva_api import ResNet18, pick_precision  # noqa: E402
+from eva_api.optim import _NS_COEFFS, ns_dtype_for, orthogonalize  # noqa: E402
 
 
-def batched_orthogonalize(gs: list[torch.Tensor], steps: int = 3, eps: float = 1e-7) -> list[torch.Tensor]:
+def batched_orthogonalize(gs: list[torch.Tensor], dtype: torch.dtype, steps: int = 3,
+                          eps: float = 1e-7) -> list[torch.Tensor]:
     """:func:`orthogonalize` for banks of one shape at once (a stack, one bmm per product)."""
     a, b, c = _NS_COEFFS
-    x = torch.stack(gs).to(torch.bfloat16)
+    x = torch.stack(gs).to(dtype)
     x = x / (x.flatten(1).norm(dim=1)[:, None, None] + eps)
     tall = x.size(1) > x.size(2)
     if tall:
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
+    precision = pick_precision(torch.device("cpu"), "auto")
+    ns = ns_dtype_for(precision)
+    other = torch.float32 if ns is torch.bfloat16 else torch.bfloat16
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     model = ResNet18().to(memory_format=torch.channels_last)
     # the banks `fast` orthogonalizes: every conv filter but the frozen stem, as 2-D momentum matrices
     banks = [p.detach().reshape(len(p), -1).clone() for n, p in model.named_parameters() if p.ndim == 4 and n != "conv1.weight"]
@@ -73,18 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (args.batch_size,))
 
     def model_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with precision.autocast():
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    shipped_row = f"Muon as shipped: 3 NS iterations, {name[ns]}, per bank"
     rows: dict[str, Callable[[], object]] = {
         "model step (fwd + bwd + SGD), the SGD epoch": model_step,
-        "Muon as shipped: 3 NS iterations, bf16, per bank": lambda: [orthogonalize(g) for g in banks],
-        "2 NS iterations": lambda: [orthogonalize(g, steps=2) for g in banks],
-        "3 NS iterations in fp32": lambda: [orthogonalize(g, dtype=torch.float32) for g in banks],
-        "same-shape banks batched (bmm), bf16": lambda: [batched_orthogonalize(v) for v in shapes.values()],
+        shipped_row: lambda: [orthogonalize(g, dtype=ns) for g in banks],
+        "2 NS iterations": lambda: [orthogonalize(g, steps=2, dtype=ns) for g in banks],
+        f"3 NS iterations in {name[other]}": lambda: [orthogonalize(g, dtype=other) for g in banks],
+        f"same-shape banks batched (bmm), {name[ns]}": lambda: [batched_orthogonalize(v, ns) for v in shapes.values()],
     }
     times: dict[str, list[float]] = {k: [] for k in rows}
     for _ in range(args.rounds):
@@ -92,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(timed(fn, args.repeat))
     med = {k: statistics.median(v) for k, v in times.items()}
     step = med["model step (fwd + bwd + SGD), the SGD epoch"]
-    shipped = med["Muon as shipped: 3 NS iterations, bf16, per bank"]
+    shipped = med[shipped_row]
     med["every other step (half the shipped calls)"] = shipped / 2
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; batch {args.batch_size}; {len(banks)} filter banks "
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d')}; model step in {precision.name} ({precision.reason}); "
+          f"batch {args.batch_size}; {len(banks)} filter banks "
           f"in {len(shapes)} shapes; medians of {args.rounds} rounds x {args.repeat} calls")
     print("| what | ms per step | vs shipped Muon | predicted epoch img/s | share of SGD img/s |")
     print("|---|---|---|---|---|")

@@ -76,7 +76,7 @@ def run_checks(device: torch.device) -> list[tuple[str, bool, str]]:
         configure_backends(device)
         torch.manual_seed(0)
         model = get_model("resnet18").to(device).to(memory_format=torch.channels_last)
-        stepper = Stepper(build_optimizer(model, config), scaler=precision.make_scaler())
+        stepper = Stepper(build_optimizer(model, config, precision), scaler=precision.make_scaler())
         loader = TensorLoader(data.train, data.mean, data.std, batch, train=True, device=device, channels_last=True,
                               crop_padding=2)
         return f"ResNet18 and {len(data.train) + len(data.test)} synthetic images on {device}"

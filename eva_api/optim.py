@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.sgd import sgd
 
 from .config import Config
+from .runtime import Precision
 from .whitening import first_conv
 
 # Quintic Newton-Schulz coefficients from Muon: they maximise the slope at zero, so three steps suffice.
@@ -26,8 +27,9 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately U V^T for the 2-D ``g = U S V^T`` (singular values end up in about [0.5, 1.5]).
 
-    Runs in bf16, as Muon does: a few large matmuls, fast on GPUs and on CPUs with bf16 units (``dtype``:
-    for bench/muon_cost.py's fp32 comparison)."""
+    A few large matmuls in ``dtype``: bf16 as Muon does where bf16 is native (GPUs from compute
+    capability 8.0, CPUs with AVX512-BF16/AMX); fp32 elsewhere, since emulated bf16 is far slower
+    (measured on a 2-core AVX2 CPU: 27.5 s per ResNet18 step in bf16 against 0.75 s in fp32)."""
     a, b, c = _NS_COEFFS
     x = g.to(dtype)
     x = x / (x.norm() + eps)  # top singular value <= 1, inside the iteration's basin
@@ -43,11 +45,16 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: tor
 class Muon(torch.optim.Optimizer):
     """``torch.optim.SGD``'s step (its functional ``sgd``: momentum, optional Nesterov, L2 weight decay) for
     every group, except that groups with ``orthogonal=True`` take Muon steps: weight rescaled to norm
-    sqrt(rows), then ``lr`` times the orthogonalized (Nesterov) momentum of the gradient (no weight decay)."""
+    sqrt(rows), then ``lr`` times the orthogonalized (Nesterov) momentum of the gradient (no weight decay).
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0):
+    ``ns_dtype`` (the Newton-Schulz iteration's dtype) belongs to the machine, not the run: it is kept out
+    of the state dict, so a checkpoint resumed on another machine orthogonalizes in that machine's dtype."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       orthogonal=False))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,7 +66,7 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             bufs = [self.state[p].get("momentum_buffer") for p in params]  # both steps fill in the missing ones
             if group["orthogonal"]:
-                _muon(params, bufs, group["lr"], group["momentum"], group["nesterov"])
+                _muon(params, bufs, group["lr"], group["momentum"], group["nesterov"], self.ns_dtype)
             else:
                 sgd(params, [p.grad for p in params], bufs, weight_decay=group["weight_decay"],
                     momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=group["nesterov"],
@@ -71,7 +78,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def _muon(params: list[torch.Tensor], bufs: list[torch.Tensor | None], lr: float, momentum: float,
-          nesterov: bool) -> None:
+          nesterov: bool, ns_dtype: torch.dtype) -> None:
     for i, p in enumerate(params):
         g = p.grad
         if momentum:
@@ -81,7 +88,7 @@ def _muon(params: list[torch.Tensor], bufs: list[torch.Tensor | None], lr: float
                 bufs[i].mul_(momentum).add_(g)
             g = g.add(bufs[i], alpha=momentum) if nesterov else bufs[i]
         p.mul_(math.sqrt(p.size(0)) / (p.norm() + 1e-12))
-        p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-lr)
+        p.add_(orthogonalize(g.reshape(len(g), -1), dtype=ns_dtype).view_as(p), alpha=-lr)
 
 
 class LRSchedule:
@@ -106,8 +113,15 @@ class LRSchedule:
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
 
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    """SGD (or, with ``optimizer=muon``, Muon for the conv filters and SGD for the rest).
+def ns_dtype_for(precision: Precision | None) -> torch.dtype:
+    """Muon's Newton-Schulz dtype for a run: bf16 where the run computes in bf16 (the device has bf16
+    units), else fp32 (fp32 runs, and fp16 runs on GPUs below compute capability 8.0, e.g. the T4)."""
+    return torch.bfloat16 if precision is not None and precision.dtype is torch.bfloat16 else torch.float32
+
+
+def build_optimizer(model: nn.Module, config: Config, precision: Precision | None = None) -> torch.optim.Optimizer:
+    """SGD (or, with ``optimizer=muon``, Muon for the conv filters and SGD for the rest; its Newton-Schulz
+    iteration runs in :func:`ns_dtype_for` ``(precision)``: bf16 for bf16 runs, else fp32).
 
     BN weights and biases are exempt from weight decay unless ``wd_on_bn_bias``. The Muon group says how
     its LR relates to ``lr`` (``lr_scale``, for the LR finder). With ``freeze_stem`` the stem conv's weights
@@ -130,8 +144,10 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
                        "lr_scale": config.muon_lr / lr, "momentum": config.muon_momentum, "nesterov": True})
     if frozen:
         groups.append({"params": frozen, "weight_decay": 0.0, "lr": 0.0, "frozen": True})
-    kind = Muon if config.optimizer == "muon" else torch.optim.SGD
-    return kind(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    nesterov = config.nesterov and config.momentum > 0
+    if config.optimizer == "muon":
+        return Muon(groups, lr=lr, momentum=config.momentum, nesterov=nesterov, ns_dtype=ns_dtype_for(precision))
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=nesterov)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config,

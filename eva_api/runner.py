@@ -125,7 +125,7 @@ def prepare(config: Config, dist: DistInfo | None = None, data: ImageData | None
     model = build_model(config, len(data.classes), device, dist, whiten_from=data if init_weights else None)
     if dist.rank:  # same initial weights on every rank (above); own dropout and transform draws from here on
         seed_everything(derive_seed(config.seed, dist.rank))
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, precision)
     train_loader, test_loader = build_loaders(data, config, dist, device)
     scheduler = build_scheduler(optimizer, config, len(train_loader))
     stepper = Stepper(optimizer, scheduler, precision.make_scaler())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eva_api import (CheckpointError, ConfigError, Interrupted, count_parameters, evaluate, load_checkpoint, load_model,
-                     make_config, train)
+                     make_config, prepare, train)
 from eva_api.loaders import ClassicLoader, TensorLoader, eval_loader
 
 from conftest import signal_at
@@ -162,6 +162,12 @@ def test_nan_run_writes_no_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="loss became nan in epoch 1"):
         train(make_config("fast", epochs=1, **TINY), tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("precision, ns_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_a_runs_muon_orthogonalizes_in_the_runs_precision(precision, ns_dtype):
+    setup = prepare(make_config("fast", **{**TINY, "precision": precision}), progress=False)
+    assert setup.stepper.optimizer.ns_dtype is ns_dtype
 
 
 @pytest.mark.slow
