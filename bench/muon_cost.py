@@ -1,6 +1,6 @@
 """What Muon's Newton-Schulz orthogonalization costs per optimizer step, and what each lever saves.
 
-    python bench/muon_cost.py                # ResNet18's filter-bank shapes, batch 64, ~3 minutes on 2 cores
+    python bench/muon_cost.py                # ResNet18's filter-bank shapes, batch 64, ~3 min on 2 bf16 cores
     python bench/muon_cost.py --rounds 3 --batch-size 128
     python bench/muon_cost.py --rounds 2 --repeat 1   # CPUs without bf16 units: emulated bf16 is ~30 s a call
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = pick_precision(torch.device("cpu"), "auto")
     ns = ns_dtype_for(precision)
     other = torch.float32 if ns is torch.bfloat16 else torch.bfloat16
-    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    label = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     model = ResNet18().to(memory_format=torch.channels_last)
     # the banks `fast` orthogonalizes: every conv filter but the frozen stem, as 2-D momentum matrices
     banks = [p.detach().reshape(len(p), -1).clone() for n, p in model.named_parameters() if p.ndim == 4 and n != "conv1.weight"]
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
 
-    shipped_row = f"Muon as shipped: 3 NS iterations, {name[ns]}, per bank"
+    shipped_row = f"Muon as shipped: 3 NS iterations, {label[ns]}, per bank"
     rows: dict[str, Callable[[], object]] = {
         "model step (fwd + bwd + SGD), the SGD epoch": model_step,
         shipped_row: lambda: [orthogonalize(g, dtype=ns) for g in banks],
         "2 NS iterations": lambda: [orthogonalize(g, steps=2, dtype=ns) for g in banks],
-        f"3 NS iterations in {name[other]}": lambda: [orthogonalize(g, dtype=other) for g in banks],
-        f"same-shape banks batched (bmm), {name[ns]}": lambda: [batched_orthogonalize(v, ns) for v in shapes.values()],
+        f"3 NS iterations in {label[other]}": lambda: [orthogonalize(g, dtype=other) for g in banks],
+        f"same-shape banks batched (bmm), {label[ns]}": lambda: [batched_orthogonalize(v, ns) for v in shapes.values()],
     }
     times: dict[str, list[float]] = {k: [] for k in rows}
     for _ in range(args.rounds):

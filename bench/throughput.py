@@ -8,7 +8,7 @@
     fp16 below);
 (b) fast: in-memory uint8 batches augmented per batch (eva_api.TensorLoader), bf16 autocast where the
     device supports it, channels_last.
-Also each optimization on its own over the classic path (bf16, channels_last, batched augmentation)
+Also each optimization on its own over the classic path (auto precision, channels_last, batched augmentation)
 and the fast path under torch.compile. Same model, same batch size, same process, after warm-up;
 the two main paths alternate (A B A B ...) so drift on a noisy machine hits both. The last line is
 ``fast_vs_classic_train_speedup=<ratio>`` (median of the per-round ratios).
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     n_eval = args.eval_images or (1000 if args.quick else 10000)
     device = pick_device(args.device)
     configure_backends(device)
-    bf16 = pick_precision(device, "auto")
+    amp = pick_precision(device, "auto")  # bf16 where native, fp16 on older GPUs, else fp32
     fp32 = Precision(device.type, None)
     bs = args.batch_size
     split = make_split(bs * (steps + warmup + 1))
@@ -126,23 +126,23 @@ def main(argv=None) -> int:
         return TensorLoader(split, mean, std, bs, train=True, device=device, channels_last=cl)
 
     print(f"device {device} | threads {torch.get_num_threads()} | batch {bs} | {steps} timed steps after {warmup} "
-          f"warm-up | autocast {bf16.name} | torch {torch.__version__}", flush=True)
+          f"warm-up | autocast {amp.name} | torch {torch.__version__}", flush=True)
     rates: dict[str, list[float]] = {"classic": [], "fast": []}
     ratios = []
     for r in range(rounds):
         a = train_rate(classic(), device, fp32, False, False, steps, warmup)
-        b = train_rate(tensor(True), device, bf16, True, False, steps, warmup)
+        b = train_rate(tensor(True), device, amp, True, False, steps, warmup)
         rates["classic"].append(a)
         rates["fast"].append(b)
         ratios.append(b / a)
         print(f"round {r + 1}: classic {a:.1f} img/s, fast {b:.1f} img/s, ratio {b / a:.2f}", flush=True)
     singles = {
-        "classic + bf16 autocast": lambda: train_rate(classic(), device, bf16, False, False, steps, warmup),
+        f"classic + {amp.name} autocast": lambda: train_rate(classic(), device, amp, False, False, steps, warmup),
         "classic + channels_last": lambda: train_rate(classic(), device, fp32, True, False, steps, warmup),
         "batched augmentation (fp32, NCHW)": lambda: train_rate(tensor(False), device, fp32, False, False, steps, warmup),
     }
     if not args.quick and not args.no_compile:
-        singles["fast + torch.compile"] = lambda: train_rate(tensor(True), device, bf16, True, True, steps, warmup + 3)
+        singles["fast + torch.compile"] = lambda: train_rate(tensor(True), device, amp, True, True, steps, warmup + 3)
     classic_med = statistics.median(rates["classic"])
     fast_med = statistics.median(rates["fast"])
     print(f"\n{'training path':<36}{'img/s':>8}{'vs classic':>12}")
@@ -150,9 +150,9 @@ def main(argv=None) -> int:
     for name, fn in singles.items():
         rate = fn()
         print(f"{name:<36}{rate:>8.1f}{rate / classic_med:>11.2f}x", flush=True)
-    print(f"{'fast (batched aug + ' + bf16.name + ' + channels_last)':<36}{fast_med:>8.1f}{fast_med / classic_med:>11.2f}x")
+    print(f"{'fast (batched aug + ' + amp.name + ' + channels_last)':<36}{fast_med:>8.1f}{fast_med / classic_med:>11.2f}x")
     eval_split = make_split(n_eval, seed=1)
-    secs = eval_seconds(eval_split, mean, std, device, bf16)
+    secs = eval_seconds(eval_split, mean, std, device, amp)
     print(f"\nevaluation: {n_eval} images in {secs:.1f} s ({n_eval / secs:.0f} img/s; {secs * 10000 / n_eval:.1f} s per 10,000)")
     print(f"fast path: {fast_med * GFLOP_PER_TRAIN_IMAGE:.0f} GFLOP/s of training at ~{GFLOP_PER_TRAIN_IMAGE} GFLOP per image")
     print(f"fast_vs_classic_train_speedup={statistics.median(ratios):.2f}")

@@ -21,6 +21,7 @@ def environment(device: torch.device) -> list[str]:
     import torchvision
 
     from . import __version__
+    from .optim import ns_dtype_for
     from .runtime import pick_precision
 
     lines = [f"python: {platform.python_version()} ({platform.machine()})", f"torch: {torch.__version__}",
@@ -35,7 +36,8 @@ def environment(device: torch.device) -> list[str]:
         lines.append(f"device: {device} ({platform.processor() or platform.machine()}, "
                      f"{torch.get_num_threads()} threads)")
     precision = pick_precision(device, "auto")
-    lines.append(f"precision (auto): {precision.name}, because {precision.reason}")
+    lines.append(f"precision (auto): {precision.name}, because {precision.reason}; Muon's Newton-Schulz in "
+                 f"{'bf16' if ns_dtype_for(precision) is torch.bfloat16 else 'fp32'}")
     return lines
 
 

@@ -24,12 +24,12 @@ from .whitening import first_conv
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately U V^T for the 2-D ``g = U S V^T`` (singular values end up in about [0.5, 1.5]).
 
-    A few large matmuls in ``dtype``: bf16 as Muon does where bf16 is native (GPUs from compute
-    capability 8.0, CPUs with AVX512-BF16/AMX); fp32 elsewhere, since emulated bf16 is far slower
-    (measured on a 2-core AVX2 CPU: 27.5 s per ResNet18 step in bf16 against 0.75 s in fp32)."""
+    A few large matmuls in ``dtype``: bf16 (as Muon does) where bf16 is native (GPUs from compute
+    capability 8.0, CPUs with AVX512-BF16/AMX), fp32 (the default) elsewhere: emulated bf16 is far slower
+    (bench/muon_cost.py on a 2-core AVX2 CPU: 27.6 s per ResNet18 optimizer step in bf16, 0.68 s in fp32)."""
     a, b, c = _NS_COEFFS
     x = g.to(dtype)
     x = x / (x.norm() + eps)  # top singular value <= 1, inside the iteration's basin
@@ -47,11 +47,12 @@ class Muon(torch.optim.Optimizer):
     every group, except that groups with ``orthogonal=True`` take Muon steps: weight rescaled to norm
     sqrt(rows), then ``lr`` times the orthogonalized (Nesterov) momentum of the gradient (no weight decay).
 
-    ``ns_dtype`` (the Newton-Schulz iteration's dtype) belongs to the machine, not the run: it is kept out
-    of the state dict, so a checkpoint resumed on another machine orthogonalizes in that machine's dtype."""
+    ``ns_dtype``: the Newton-Schulz iteration's dtype (:func:`build_optimizer` sets it from the run's
+    precision, which ``auto`` picks anew on each machine). It is not in the state dict, so a checkpoint
+    resumed elsewhere orthogonalizes in the dtype of the run that resumes it."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
-                 ns_dtype: torch.dtype = torch.bfloat16):
+                 ns_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       orthogonal=False))
         self.ns_dtype = ns_dtype
@@ -114,8 +115,9 @@ class LRSchedule:
 
 
 def ns_dtype_for(precision: Precision | None) -> torch.dtype:
-    """Muon's Newton-Schulz dtype for a run: bf16 where the run computes in bf16 (the device has bf16
-    units), else fp32 (fp32 runs, and fp16 runs on GPUs below compute capability 8.0, e.g. the T4)."""
+    """Muon's Newton-Schulz dtype for a run: bf16 where the run computes in bf16, else fp32 (fp32 runs,
+    and fp16 runs on GPUs below compute capability 8.0 such as the T4: fp32 is the safe choice there; fp16
+    Newton-Schulz on tensor cores might be faster, but has not been measured)."""
     return torch.bfloat16 if precision is not None and precision.dtype is torch.bfloat16 else torch.float32
 
 

@@ -29,7 +29,7 @@ def test_an_epoch_in_fp16_and_bf16(dtype):
     torch.manual_seed(0)
     model = get_model("tiny").cuda().to(memory_format=torch.channels_last)
     precision = Precision("cuda", dtype)
-    stepper = Stepper(build_optimizer(model, make_config("fast")), scaler=precision.make_scaler())
+    stepper = Stepper(build_optimizer(model, make_config("fast"), precision), scaler=precision.make_scaler())
     loader = TensorLoader(data.train, data.mean, data.std, 32, train=True, device="cuda", channels_last=True)
     loader.set_epoch(1)
     tr = train_one_epoch(model, loader, stepper, criterion=torch.nn.CrossEntropyLoss(), precision=precision,
@@ -47,7 +47,7 @@ def test_the_training_loop_makes_no_hidden_host_device_sync():
     torch.manual_seed(0)
     model = get_model("resnet18").cuda().to(memory_format=torch.channels_last)
     precision = Precision("cuda", torch.bfloat16)
-    optimizer = build_optimizer(model, make_config("fast"))
+    optimizer = build_optimizer(model, make_config("fast"), precision)
     stepper = Stepper(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
     loader = TensorLoader(data.train, data.mean, data.std, 16, train=True, device="cuda", channels_last=True,
                           crop_padding=2, cutout_size=8)

@@ -102,6 +102,8 @@ def test_auto_precision_on_cuda_follows_native_support(monkeypatch, capability, 
     p = pick_precision(torch.device("cuda"), "auto")
     assert p.name == name and f"{capability[0]}.{capability[1]}" in p.reason
     assert (p.dtype is torch.float16) == (name == "fp16")  # fp16 makes a GradScaler (tested on the CPU below)
+    asked = pick_precision(torch.device("cuda"), "bf16")  # honoured, but the banner says it is emulated
+    assert asked.dtype is torch.bfloat16 and ("emulated" in asked.reason) == (name == "fp16")
 
 
 @pytest.mark.parametrize("has_bf16,name", [(True, "bf16"), (False, "fp32")])
@@ -109,7 +111,8 @@ def test_auto_precision_on_cpu_and_explicit_choices(monkeypatch, has_bf16, name)
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
     assert pick_precision(torch.device("cpu"), "auto").name == name
     assert pick_precision(torch.device("cpu"), "fp32").dtype is None
-    assert pick_precision(torch.device("cpu"), "bf16").dtype is torch.bfloat16
+    bf16 = pick_precision(torch.device("cpu"), "bf16")
+    assert bf16.dtype is torch.bfloat16 and ("emulated" in bf16.reason) == (not has_bf16)  # the banner says so
     fp16 = pick_precision(torch.device("cpu"), "fp16")  # works on a CPU too, with a CPU GradScaler
     assert fp16.dtype is torch.float16 and fp16.make_scaler().is_enabled()
     assert pick_precision(torch.device("cpu"), "bf16").make_scaler() is None
