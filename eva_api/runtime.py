@@ -88,6 +88,9 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: CUDA from compute capability 8.0, CPUs with AVX512-BF16/AMX (other devices:
+    not known here, so not flagged). torch.cuda.is_bf16_supported() also says True where bf16 is only
+    emulated (T4, V100): ask the chip."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type != "cpu" or cpu_has_bf16()
@@ -96,12 +99,11 @@ def _native_bf16(device: torch.device) -> bool:
 def _auto_precision(device: torch.device) -> tuple[str, str]:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        # torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (T4, V100): ask the chip
-        if major >= 8:
+        if _native_bf16(device):
             return "bf16", f"compute capability {major}.{minor} has native bf16"
         return "fp16", f"compute capability {major}.{minor} has no native bf16 (needs 8.0): fp16 with loss scaling"
     if device.type == "cpu":
-        if cpu_has_bf16():
+        if _native_bf16(device):
             return "bf16", "the CPU has bf16 units (AVX512-BF16/AMX)"
         return "fp32", "the CPU has no bf16 units"
     return "fp32", f"mixed precision on {device.type} is not tested here: fp32 is the safe choice"
