@@ -147,8 +147,13 @@ class RunLock:
     def acquire(self) -> "RunLock":
         folder = self.path.parent.absolute()
         self._made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-        folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{folder}: is a file, not a run folder; choose another --out")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise CheckpointError(f"{folder}: cannot write the run folder ({e.strerror or e})") from None
         try:
             import fcntl
         except ImportError:  # Windows: no fcntl

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train. Besides the options below, every config field is accepted as "
                                    f"--key value: {', '.join(f.replace('_', '-') for f in Config.__dataclass_fields__)}")
     t.add_argument("--recipe", default=None, help=f"one of: {', '.join(RECIPES)} (default fast)")
-    t.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
+    t.add_argument("--out", default=None, help="run directory (default runs/<recipe>; with --resume CHECKPOINT "
+                                               "its folder)")
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out (or from CHECKPOINT) with its saved settings; only "
                         "runtime options (--data, --device, --num-workers, --no-progress, ...) may be changed")
@@ -98,7 +99,10 @@ def cmd_train(args, extra: list[str]) -> int:
         config = resume_config(ckpt, parse_overrides(extra), recipe=args.recipe, trust=args.trust_checkpoint)
     else:
         config = _config_from(args.recipe or "fast", extra)
-    out = Path(args.out or f"runs/{config.recipe}")
+    if args.out:
+        out = Path(args.out)
+    else:  # a resumed checkpoint continues in its own folder, never over runs/<recipe>'s run
+        out = ckpt.parent if args.resume else Path(f"runs/{config.recipe}")
     result = train(config, out, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     if result.metrics:
         m = result.metrics
@@ -116,6 +120,9 @@ def _checkpoint_and_test_data(args):
     from .loaders import eval_loader
     from .runner import load_config_data
 
+    for flag, value in (("--batch-size", args.batch_size), ("--n", getattr(args, "n", None))):
+        if value is not None and value < 1:
+            raise ConfigError(f"bad value {value} for {flag}: must be >= 1")
     model = load_model(args.checkpoint, args.device, trust=args.trust_checkpoint)
     data = load_config_data(replace(model.config, dataset=args.dataset, data=args.data, download=args.download))
     if len(data.classes) != len(model.classes):
@@ -185,14 +192,18 @@ def cmd_interpret(args) -> int:
 def cmd_lr_find(args, extra: list[str]) -> int:
     import matplotlib.pyplot as plt
 
-    from .lr_finder import lr_find
+    from .lr_finder import check_sweep, lr_find
     from .runner import prepare
 
-    setup = prepare(_config_from(args.recipe, extra))
+    check_sweep(args.start_lr, args.end_lr, args.steps)  # before the data loads and the model builds
+    config = _config_from(args.recipe, extra)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file, not a folder; choose another --out")
+    setup = prepare(config)
+    out.mkdir(parents=True, exist_ok=True)  # after the data loaded (a bad --data leaves no folder), before the sweep
     result = lr_find(setup.model, setup.train_loader, setup.stepper.optimizer, setup.criterion(),
                      start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, precision=setup.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     plt.close(result.plot(save=out / "lr_find.png"))
     print(_data_line(setup.data))
     print(f"suggested lr: {result.suggestion:.4g} (steepest descent of the smoothed loss; plot: {out / 'lr_find.png'})")
@@ -227,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_lr_find(args, extra)
     except EvaError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not e.filename:  # not about a path the user gave (too many open files, a library that fails to load)
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)  # e.g. no permission, a full disk
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -109,7 +109,7 @@ def train_one_epoch(
     ``state`` lets an interrupted epoch continue: its batches are skipped and its sums kept. The loss
     is summed on the device and read back only every ``log_every`` batches (a GPU sync per batch
     would cost throughput); a NaN or infinite loss stops training with a :class:`TrainingError`.
-    ``stop`` is looked at between steps (every ``log_every`` under DDP, where asking is a collective);
+    ``stop`` is looked at between steps (every ``log_every`` under DDP on CUDA, where asking is a collective);
     when set, :class:`Interrupted` is raised with ``state`` holding exactly the finished steps.
     """
     stepper = stepper if isinstance(stepper, Stepper) else Stepper(stepper)
@@ -121,7 +121,10 @@ def train_one_epoch(
     skipped_before = stepper.skipped
     base = (state.loss_sum, state.correct, state.skipped)
     total = len(loader)
-    check_every = log_every if dist_ready() else 1
+    # Under DDP asking is a collective: on CUDA every log_every steps (a fraction of a second each). On CPU
+    # (gloo) every step: a step takes seconds there, and torchrun kills its workers 30 s after passing on
+    # a Ctrl-C or SIGTERM, so 25 steps would lose the unfinished epoch.
+    check_every = log_every if dist_ready() and device.type == "cuda" else 1
 
     def sync_state() -> None:
         state.loss_sum, state.correct = base[0] + loss_sum.item(), base[1] + int(correct.item())
@@ -217,11 +220,13 @@ def evaluate(
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
     if tta is False:
-        views = []
+        views, tta_name = [], ""
     elif isinstance(tta, (bool, str)):
-        views = tta_views("flip" if tta is True else tta)
+        tta_name = "flip" if tta is True else tta
+        views = tta_views(tta_name)
     else:
         views = list(tta)
+        tta_name = f"{len(views) + 1}-view"
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     correct_tta = torch.zeros((), dtype=torch.int64, device=device)
@@ -253,7 +258,7 @@ def evaluate(
         "seconds": time.perf_counter() - start,
     }
     if views:
-        out["acc_tta"] = 100.0 * ctta_total / max(n_total, 1)
+        out["acc_tta"], out["tta"] = 100.0 * ctta_total / max(n_total, 1), tta_name
     if return_outputs:
         out["logits"] = torch.cat(outputs) if outputs else torch.empty(0)
         out["labels"] = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
@@ -265,7 +270,7 @@ def format_test_line(metrics: dict) -> str:
     line = (f"Test set: Average loss: {metrics['loss']:.4f}, "
             f"Accuracy: {metrics['correct']}/{metrics['total']} ({metrics['acc']:.2f}%)")
     if "acc_tta" in metrics:
-        line += f", with flip TTA: {metrics['acc_tta']:.2f}%"
+        line += f", with {metrics.get('tta', 'flip')} TTA: {metrics['acc_tta']:.2f}%"
     return line
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .optim import Stepper
 from .runtime import Precision, rng_states, set_rng_states
 
@@ -41,6 +42,13 @@ class LRFinderResult:
         return _finish(fig, save, dpi)
 
 
+def check_sweep(start_lr: float, end_lr: float, steps: int) -> None:
+    """A sweep ``lr_find`` can run (a zero or negative LR would fail mid-way: the geometric ratio needs both > 0)."""
+    if not 0 < start_lr < end_lr or steps < 1:
+        raise ConfigError(f"bad LR range test: needs 0 < start-lr < end-lr and steps >= 1 (got start-lr {start_lr:g}, "
+                          f"end-lr {end_lr:g}, steps {steps})")
+
+
 def lr_find(
     model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion=None, *, start_lr: float = 1e-5,
     end_lr: float = 10.0, steps: int = 200, beta: float = 0.98, diverge: float = 4.0,
@@ -48,6 +56,7 @@ def lr_find(
 ) -> LRFinderResult:
     """Sweep the LR from ``start_lr`` to ``end_lr`` over ``steps`` batches (stopping early once the smoothed
     loss exceeds ``diverge`` x its best). Suggests the LR of the steepest descent of the smoothed loss."""
+    check_sweep(start_lr, end_lr, steps)
     device = next(model.parameters()).device
     precision = precision or Precision(device.type, None)
     criterion = criterion or nn.CrossEntropyLoss()

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .loaders import normalize
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -48,6 +48,8 @@ def predict(model: nn.Module, images: Sequence[ImageLike] | ImageLike, *, classe
     that :func:`eva_api.load_model` sets on the model."""
     if isinstance(images, (str, os.PathLike)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
         images = [images]
+    if top < 1:
+        raise ConfigError(f"bad value {top} for top: must be >= 1")
     classes = list(classes or getattr(model, "classes"))
     mean = mean or getattr(model, "mean")
     std = std or getattr(model, "std")

@@ -235,7 +235,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
     notebook passes what it already loaded). ``trust_checkpoint`` reads an old, fully pickled checkpoint.
     """
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = None
+    ckpt, ckpt_path = None, None
     if resume:
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out / CHECKPOINT if out else None)
         if ckpt_path is None:
@@ -248,8 +248,16 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
                               f"{', '.join(RUNTIME_FIELDS)} may change. Start a new run (another --out) to change others")
         config = replace(saved, **{k: getattr(config, k) for k in RUNTIME_FIELDS})
     def refuse_existing() -> None:
-        if ckpt is None and out is not None and (out / CHECKPOINT).exists():
+        if out is not None and out.exists() and not out.is_dir():
+            raise CheckpointError(f"{out}: is a file, not a run folder; choose another --out")
+        if out is None or not (out / CHECKPOINT).exists():
+            return
+        if ckpt is None:
             raise CheckpointError(f"{out / CHECKPOINT} exists; pass --resume to continue that run or choose another --out")
+        if not (out / CHECKPOINT).samefile(ckpt_path):  # resuming run B into run A's folder would overwrite A
+            raise CheckpointError(f"{out} holds another checkpoint than {ckpt_path}; to continue that one: --resume "
+                                  f"{out / CHECKPOINT}; to continue {ckpt_path}: leave out --out (it continues in "
+                                  f"{ckpt_path.parent}) or choose an empty one")
 
     refuse_existing()  # on every rank, before any collective: all ranks stop alike
     dist = init_distributed(config.device)
@@ -341,7 +349,7 @@ def _train(config: Config, out: Path | None, ckpt: dict | None, dist: DistInfo, 
         done = len(history)
         checkpoint(done, state if done < epoch and state.batches else None)
         if dist.is_main and out is not None:
-            print(f"\ninterrupted: checkpoint saved to {out / CHECKPOINT}; continue with --resume "
+            print(f"\ninterrupted: checkpoint saved to {out / CHECKPOINT}; continue with --resume {out / CHECKPOINT} "
                   f"(or train(..., resume=True))", flush=True)
 
     fit(train_model, setup.train_loader, setup.test_loader, setup.stepper, epochs=config.epochs,

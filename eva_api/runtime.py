@@ -17,18 +17,24 @@ from .errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------- device
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: cuda, then mps, then cpu. Anything else is taken literally (and checked)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"bad device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: nothing here is made for them
+        raise ConfigError(f"bad device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not _mps_available():
+        raise ConfigError(f"device {name!r} asked for, but MPS (Apple GPUs) is not available here; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -62,11 +68,13 @@ def cpu_has_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Precision:
-    """Autocast settings for one device: ``dtype`` None means full fp32; ``reason`` says why it was chosen."""
+    """Autocast settings for one device: ``dtype`` None means full fp32; ``reason`` says why it was chosen;
+    ``emulated``: bf16 asked for on a device without native bf16 (its matmuls run far slower)."""
 
     device_type: str
     dtype: torch.dtype | None
     reason: str = ""
+    emulated: bool = False
 
     @property
     def name(self) -> str:
@@ -112,15 +120,17 @@ def _auto_precision(device: torch.device) -> tuple[str, str]:
 def pick_precision(device: torch.device, name: str = "auto") -> Precision:
     """``auto``: bf16 on CUDA with compute capability >= 8.0 (A100, L4, RTX 30xx, H100), fp16 + GradScaler
     below (T4, V100), bf16 on CPUs with bf16 units, else fp32. ``fp16`` works on CPUs too (with a scaler)."""
+    emulated = False
     if name == "auto":
         name, reason = _auto_precision(device)
     elif name in _DTYPES:
         reason = "asked for"
-        if name == "bf16" and not _native_bf16(device):  # 40x slower matmuls on an AVX2 CPU, measured
+        emulated = name == "bf16" and not _native_bf16(device)  # 40x slower matmuls on an AVX2 CPU, measured
+        if emulated:
             reason += f"; {device.type} here has no native bf16: it is emulated, far slower (see auto's choice)"
     else:
         raise ConfigError(f"bad precision {name!r}; choose auto, bf16, fp16 or fp32")
-    return Precision(device.type, _DTYPES[name], reason)
+    return Precision(device.type, _DTYPES[name], reason, emulated)
 
 
 # ---------------------------------------------------------------------------------------------- seeds

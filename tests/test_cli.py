@@ -48,6 +48,26 @@ def test_resume_keeps_the_saved_settings_and_refuses_changed_ones(run_dir):
     assert other.returncode == 2 and "uses recipe 'fast', not 's8'" in other.stderr
 
 
+def test_resume_from_a_checkpoint_path_continues_in_its_own_folder(run_dir, tmp_path, monkeypatch):
+    # it went to runs/<recipe> before, overwriting whatever run was there
+    import shutil
+    import types
+
+    from eva_api import CheckpointError, cli as cli_module, runner, train
+    from eva_api.runner import resume_config
+
+    elsewhere = tmp_path / "b"
+    elsewhere.mkdir()
+    shutil.copy(run_dir / "checkpoint.pt", elsewhere / "checkpoint.pt")
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(runner, "train", lambda config, out, **kw: seen.append(out) or types.SimpleNamespace(metrics=None))
+        assert cli_module.main(["train", "--resume", str(elsewhere / "checkpoint.pt")]) == 0
+    assert seen == [elsewhere]
+    with pytest.raises(CheckpointError, match="holds another checkpoint"):  # the library refuses it too
+        train(resume_config(elsewhere / "checkpoint.pt"), run_dir, resume=elsewhere / "checkpoint.pt")
+
+
 def test_evaluate_predict_interpret(run_dir, tmp_path):
     ev = cli("evaluate", "--checkpoint", run_dir / "checkpoint.pt", "--dataset", "synthetic")
     assert ev.returncode == 0, ev.stderr
@@ -95,6 +115,12 @@ def _bad_imagefolder(tmp_path):
     (["predict", "--checkpoint", "{tmp}/evil.pt", "{tmp}/nope.png"], "Nothing in it was run"),
     (["evaluate", "--checkpoint", "{tmp}/other.pt", "--dataset", "synthetic"], "weights do not fit resnet18"),
     (["predict", "--checkpoint", "{ckpt}", "{tmp}/nope.png"], "no such image"),
+    (["predict", "--checkpoint", "{ckpt}", "--top", "0", "{tmp}/nope.png"], "for top: must be >= 1"),
+    (["evaluate", "--checkpoint", "{ckpt}", "--batch-size", "0"], "for --batch-size: must be >= 1"),
+    (["train", "--label-smoothing", "1.5"], "label_smoothing: must be in [0, 1)"),
+    (["train", "--model", "tiny", "--out", "{tmp}/empty.pt", *SMOKE], "is a file, not a run folder"),
+    (["lr-find", "--out", "{tmp}/lr", "--start-lr", "0"], "needs 0 < start-lr < end-lr"),
+    (["lr-find", "--model", "tiny", "--out", "{tmp}/empty.pt", *SMOKE], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_dir):
     (tmp_path / "trunc.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:3000])

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinyNet, signal_at
-from eva_api import (History, Precision, Stepper, TensorLoader, TrainingError, evaluate, fit, format_test_line,
+from eva_api import (ConfigError, History, Precision, Stepper, TensorLoader, TrainingError, evaluate, fit, format_test_line,
                      make_synthetic, pick_precision, seed_everything, train_one_epoch)
 from eva_api import runtime
 from eva_api.optim import LRSchedule
@@ -56,6 +56,8 @@ def test_tta_with_the_identity_view_equals_plain_evaluation():
     assert m["acc_tta"] == m["acc"]
     flip = evaluate(model, loader, tta=True)
     assert "acc_tta" in flip and flip["acc"] == m["acc"]
+    assert "with flip TTA:" in format_test_line(flip)  # the line names the TTA it measured
+    assert "with flip+translate TTA:" in format_test_line(evaluate(model, loader, tta="flip+translate"))
 
 
 def test_short_fit_on_synthetic_data_learns_far_above_chance(capsys):
@@ -118,6 +120,38 @@ def test_auto_precision_on_cpu_and_explicit_choices(monkeypatch, has_bf16, name)
     assert pick_precision(torch.device("cpu"), "bf16").make_scaler() is None
     with pytest.raises(Exception, match="choose auto, bf16, fp16 or fp32"):
         pick_precision(torch.device("cpu"), "fp8")
+
+
+@pytest.mark.parametrize("name,match", [("gpu", "bad device 'gpu'"), ("meta", "bad device 'meta'"),
+                                        ("mps", r"MPS \(Apple GPUs\) is not available"), ("cuda:0", "CUDA is not available")])
+def test_devices_that_cannot_run_here_are_refused_with_one_line(monkeypatch, name, match):
+    monkeypatch.setattr(runtime, "_mps_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=match):
+        runtime.pick_device(name)
+    assert runtime.pick_device("auto").type == "cpu" and runtime.pick_device("cpu").type == "cpu"
+
+
+def test_under_ddp_on_cpu_the_stop_flag_is_asked_every_step(monkeypatch):
+    # torchrun SIGKILLs its workers 30 s after passing on a signal and a CPU step takes seconds: asking every
+    # 25 steps, as on CUDA, would lose the unfinished epoch
+    from eva_api import EpochState, Interrupted, StopRequest, engine
+
+    class AfterFirstStep(StopRequest):
+        asked = 0
+
+        def check(self, device):
+            self.asked += 1
+            return self.asked > 1  # no at the epoch's start, yes from the first step on
+
+    monkeypatch.setattr(engine, "dist_ready", lambda: True)  # the loop's view of a DDP group (gloo: CPU)
+    data = make_synthetic(64, 16)
+    model, state = TinyNet(), EpochState()
+    with pytest.raises(Interrupted):
+        train_one_epoch(model, TensorLoader(data.train, data.mean, data.std, 8, train=True),
+                        Stepper(torch.optim.SGD(model.parameters(), lr=0.01)), criterion=F.cross_entropy,
+                        precision=Precision("cpu", None), state=state, progress=False, stop=AfterFirstStep())
+    assert state.batches == 1
 
 
 def test_fp16_epoch_on_the_cpu_skips_and_counts_an_overflowing_step():

@@ -8,7 +8,8 @@ from torch import nn
 
 from eva_api import ConfigError, build_optimizer, get_model, make_config
 from eva_api.optim import Muon, ns_dtype_for, orthogonalize
-from eva_api.runtime import Precision
+from eva_api import runtime
+from eva_api.runtime import Precision, pick_precision
 
 
 def test_orthogonalize_equalizes_the_singular_values():
@@ -67,12 +68,15 @@ def test_build_optimizer_gives_muon_the_conv_filters_only():
         make_config("fast", optimizer="adam")
 
 
-def test_muon_orthogonalizes_in_bf16_only_where_the_run_computes_in_bf16():
+def test_muon_orthogonalizes_in_bf16_only_where_the_run_computes_in_native_bf16(monkeypatch):
     # emulated bf16 (CPUs without AVX512-BF16/AMX, GPUs below sm80) made a fast epoch ~6 h on a 2-core AVX2 CPU
     model, config = get_model("resnet18"), make_config("fast")
     assert ns_dtype_for(Precision("cpu", torch.bfloat16)) is torch.bfloat16
     for precision in (Precision("cpu", None), Precision("cuda", torch.float16), None):
         assert ns_dtype_for(precision) is torch.float32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)  # --precision bf16 asked for on such a CPU
+    asked = pick_precision(torch.device("cpu"), "bf16")
+    assert asked.dtype is torch.bfloat16 and asked.emulated and ns_dtype_for(asked) is torch.float32
     bf16 = build_optimizer(model, config, Precision("cpu", torch.bfloat16))
     fp32 = build_optimizer(model, config, Precision("cpu", None))
     assert (bf16.ns_dtype, fp32.ns_dtype) == (torch.bfloat16, torch.float32)
