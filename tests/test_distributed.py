@@ -102,16 +102,16 @@ def test_mid_epoch_checkpoint_refuses_another_world_size_with_one_line(tmp_path,
 
 
 def test_a_mid_epoch_ddp_resume_counts_every_ranks_sums_once(tmp_path):
-    """Rank 0 alone gets the signal; both ranks stop at the same step (the flag is asked every 25 steps
-    under DDP, so 48 steps an epoch), the saved sums are both ranks', and the resumed History is the
-    uninterrupted one."""
+    """Rank 0 alone gets the signal (during its 4th step of epoch 2); both ranks stop at the same step (on
+    CPU the flag is asked after every step, 48 steps an epoch), the saved sums are both ranks', and the
+    resumed History is the uninterrupted one."""
     env = {"EVA_TEST_BATCH": "2"}
     ref = torchrun(str(tmp_path / "ref"), "2", env=env)
     assert ref.returncode == 0, ref.stderr[-3000:]
     cut = torchrun(str(tmp_path / "cut"), "2", env={**env, "EVA_TEST_STOP_AT": "2:3"})
     assert cut.returncode != 0 and "interrupted: checkpoint saved" in cut.stdout
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch_state"]
-    assert state["batches"] == 25 and state["samples"] == 50  # 25 steps of 1 image on each of 2 ranks
+    assert state["batches"] == 4 and state["samples"] == 8  # 4 steps of 1 image on each of 2 ranks (CUDA: 25)
     resumed = torchrun(str(tmp_path / "cut"), "2", "resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (torch.load(tmp_path / d / "rank0.pt", weights_only=True)["history"] for d in ("ref", "cut"))
