@@ -2,9 +2,9 @@
 
 Contents: unwrapped model state_dict (no ``module.`` / ``_orig_mod.`` prefixes), optimizer, scheduler and
 scaler states, completed epochs, the unfinished epoch's sums (after an interruption), the world size,
-History, config, classes, normalization and every rank's RNG states: tensors and plain values only,
-so a checkpoint loads with ``torch.load(weights_only=True)`` and a file that would need arbitrary
-unpickling (code) is refused before any of it runs.
+History, config, classes, normalization and every rank's RNG states: tensors (on the CPU, whatever device
+trained) and plain values only, so a checkpoint loads with ``torch.load(weights_only=True)`` and a file that
+would need arbitrary unpickling (code) is refused before any of it runs.
 
 Writes are durable: temp file in the same folder, fsync, rename over the old file, fsync of the folder.
 A crash, a full disk or a second Ctrl-C mid-write leaves the previous checkpoint in place and loadable.
@@ -16,17 +16,31 @@ import errno
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .models import get_model, strip_prefixes, unwrap_model
 from .runtime import pick_device
 
 FORMAT_VERSION = 2  # 2: weights_only-safe contents (RNG states as tensors), world_size, per-rank RNG
+
+
+def out_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, refused with one line when it or a folder above it is a file (``--out`` of train,
+    lr-find or interpret given a file's name); a missing folder is fine (it is made when first written)."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):  # the nearest existing one: a file there would fail only at mkdir
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file, not a folder" if p == folder else f"cannot be a folder, {p} is a file"
+                raise ConfigError(f"{folder}: {what}; choose another --out")
+            break
+    return folder
 
 
 def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
@@ -37,9 +51,9 @@ def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
     path = Path(path)
     if isinstance(payload.get("model"), nn.Module):
         payload["model"] = unwrap_model(payload["model"]).state_dict()
-    payload["format_version"] = FORMAT_VERSION
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        payload = {**_on_cpu(payload), "format_version": FORMAT_VERSION}  # a CUDA error here is one line too
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
@@ -56,6 +70,23 @@ def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
             tmp.unlink()
     _fsync_dir(path.parent)  # after the rename: the new file is in place whatever this says
     return path
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor (in nested dicts, lists, tuples) moved to the CPU: a bare ``torch.load`` of a
+    GPU run's checkpoint then works on a machine without that GPU (torch.save copies to the host anyway)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, OrderedDict):  # a state_dict: keep its type and _metadata (module versions)
+        out = OrderedDict((k, _on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) is dict:
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj  # anything else is stored as it is (the payload holds no other containers)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -92,7 +123,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e).lower() and "weights only" not in str(e).lower():
+        msg = str(e).lower()
+        # torch 2.4 (fixed in 2.5) words any error met while loading, a damaged tensor record too, as a refusal
+        if ("weights_only" not in msg and "weights only" not in msg) or "pytorchstreamreader" in msg:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint (UnpicklingError)") from None
         raise CheckpointError(
             f"{path}: refused: loading it needs arbitrary unpickling, which can run code stored in the file "
@@ -145,10 +178,8 @@ class RunLock:
         self._made: list[Path] = []
 
     def acquire(self) -> "RunLock":
-        folder = self.path.parent.absolute()
+        folder = out_folder(self.path.parent.absolute())
         self._made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-        if folder.exists() and not folder.is_dir():
-            raise CheckpointError(f"{folder}: is a file, not a run folder; choose another --out")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")
@@ -197,4 +228,4 @@ class RunLock:
         self.release()
 
 
-__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_model", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_model", "out_folder", "save_checkpoint"]

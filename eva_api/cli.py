@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, EvaError
@@ -127,6 +128,10 @@ def _checkpoint_and_test_data(args):
     data = load_config_data(replace(model.config, dataset=args.dataset, data=args.data, download=args.download))
     if len(data.classes) != len(model.classes):
         raise DataError(f"{args.data}: {len(data.classes)} classes, but the checkpoint was trained on {len(model.classes)}")
+    if list(data.classes) != list(model.classes):  # e.g. folders named 0-9: labels still pair up by position
+        diff = [f"{d}/{m}" for d, m in zip(data.classes, model.classes) if d != m]
+        warnings.warn(f"{data.source}: class names differ from the checkpoint's (data/checkpoint: {', '.join(diff[:3])}"
+                      f"{', ...' if len(diff) > 3 else ''}); labels are matched by position", stacklevel=2)
     device = next(model.parameters()).device
     return model, data, eval_loader(data.test, model.mean, model.std, device, args.batch_size,
                                     channels_last=model.config.channels_last)
@@ -170,11 +175,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_interpret(args) -> int:
+    from .checkpoint import out_folder
     from .engine import evaluate
     from .interpret import interpret_predictions
     from .metrics import format_report
     from .runtime import pick_precision
 
+    out_folder(args.out)  # before the checkpoint loads and the test split is evaluated
     model, data, loader = _checkpoint_and_test_data(args)
     device = next(model.parameters()).device
     ev = evaluate(model, loader, precision=pick_precision(device, model.config.precision), tta="flip",
@@ -192,14 +199,13 @@ def cmd_interpret(args) -> int:
 def cmd_lr_find(args, extra: list[str]) -> int:
     import matplotlib.pyplot as plt
 
+    from .checkpoint import out_folder
     from .lr_finder import check_sweep, lr_find
     from .runner import prepare
 
     check_sweep(args.start_lr, args.end_lr, args.steps)  # before the data loads and the model builds
     config = _config_from(args.recipe, extra)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: is a file, not a folder; choose another --out")
+    out = out_folder(args.out)
     setup = prepare(config)
     out.mkdir(parents=True, exist_ok=True)  # after the data loaded (a bad --data leaves no folder), before the sweep
     result = lr_find(setup.model, setup.train_loader, setup.stepper.optimizer, setup.criterion(),
@@ -222,6 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "lr-find"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _dispatch(args, extra)
+    finally:  # tests call main in-process; pytest.warns still records (only the display changes)
+        warnings.formatwarning = previous
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warning: ...`` on one line, not Python's ``path:line: UserWarning: ...`` plus a source line."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "  # e.g. a library's FutureWarning
+    return f"warning: {kind}{message}\n"
+
+
+def _dispatch(args, extra: list[str]) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra)

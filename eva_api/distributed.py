@@ -52,6 +52,9 @@ def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> Dis
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+    elif device.type == "mps" and device_name != "auto":  # "auto" on a Mac: the ranks share the CPU (gloo) below
+        raise ConfigError("torchrun cannot share MPS (Apple GPUs) between processes: no collective backend "
+                          "runs on it; use --device cpu (gloo), or train without torchrun on mps")
     else:
         device = torch.device("cpu")
         backend = "gloo"

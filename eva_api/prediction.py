@@ -34,7 +34,8 @@ def to_uint8(image: ImageLike, size: int = 32) -> torch.Tensor:
             raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
     image = image.convert("RGB")
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC, reducing_gap=None)
+        bicubic = getattr(Image, "Resampling", Image).BICUBIC  # Image.BICUBIC warns on Pillow 9.1-9.3
+        image = image.resize((size, size), bicubic, reducing_gap=None)
     import numpy as np
 
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import metrics as M
 from . import plots
-from .checkpoint import RunLock, load_checkpoint, save_checkpoint
+from .checkpoint import RunLock, load_checkpoint, out_folder, save_checkpoint
 from .config import RUNTIME_FIELDS, Config, replace, resume_conflicts, save_config
 from .data import ImageData, load_data
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, gather_objects, init_distributed
@@ -26,8 +26,8 @@ from .errors import CheckpointError, ConfigError
 from .loaders import ClassicLoader, TensorLoader, classic_transforms, eval_loader
 from .models import count_parameters, get_model, strip_prefixes, unwrap_model
 from .optim import Stepper, build_optimizer, build_scheduler
-from .runtime import (Precision, configure_backends, derive_seed, pick_device, pick_precision, rng_states,
-                      seed_everything, set_rng_states)
+from .runtime import (Precision, check_compile, configure_backends, derive_seed, pick_device, pick_precision,
+                      rng_states, seed_everything, set_rng_states)
 from .summary import format_summary, run_summary
 from .whitening import whiten_stem_
 
@@ -248,9 +248,7 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
                               f"{', '.join(RUNTIME_FIELDS)} may change. Start a new run (another --out) to change others")
         config = replace(saved, **{k: getattr(config, k) for k in RUNTIME_FIELDS})
     def refuse_existing() -> None:
-        if out is not None and out.exists() and not out.is_dir():
-            raise CheckpointError(f"{out}: is a file, not a run folder; choose another --out")
-        if out is None or not (out / CHECKPOINT).exists():
+        if out is None or not (out_folder(out) / CHECKPOINT).exists():
             return
         if ckpt is None:
             raise CheckpointError(f"{out / CHECKPOINT} exists; pass --resume to continue that run or choose another --out")
@@ -260,6 +258,8 @@ def train(config: Config, out_dir: str | Path | None = None, resume: bool | str 
                                   f"{ckpt_path.parent}) or choose an empty one")
 
     refuse_existing()  # on every rank, before any collective: all ranks stop alike
+    if config.compile:
+        check_compile()  # before the data loads
     dist = init_distributed(config.device)
     lock = RunLock(out) if out is not None and dist.is_main else None
     try:

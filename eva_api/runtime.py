@@ -6,7 +6,9 @@ The bottom of the house: it imports nothing else from eva_api but the errors, an
 from __future__ import annotations
 
 import hashlib
+import platform
 import random
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+
+def check_compile() -> None:
+    """One line where ``torch.compile`` cannot run: e.g. torch 2.5 on Python 3.13, or on Windows before torch
+    supported it there (torch itself says which pairs work; the error would otherwise come mid-run)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(f"--compile: torch.compile does not run with torch {torch.__version__} on Python "
+                          f"{platform.python_version()} ({sys.platform}); leave --compile off or upgrade torch")
 
 
 def configure_backends(device: torch.device) -> None:
@@ -130,6 +142,10 @@ def pick_precision(device: torch.device, name: str = "auto") -> Precision:
             reason += f"; {device.type} here has no native bf16: it is emulated, far slower (see auto's choice)"
     else:
         raise ConfigError(f"bad precision {name!r}; choose auto, bf16, fp16 or fp32")
+    need = {"fp16": "2.5", "bf16": "2.6"}.get(name) if device.type == "mps" else None
+    if need and torch.__version__ < need:  # older torch: "unsupported autocast device_type" mid-run, or silent fp32
+        raise ConfigError(f"--precision {name} on mps needs torch >= {need} (autocast on Apple GPUs); this is "
+                          f"torch {torch.__version__}: use --precision fp32")
     return Precision(device.type, _DTYPES[name], reason, emulated)
 
 
@@ -198,5 +214,5 @@ def set_rng_states(states: dict[str, Any], device: torch.device | None = None) -
             torch.cuda.set_rng_state(cuda, device)
 
 
-__all__ = ["Precision", "configure_backends", "derive_seed", "eval_batch_size", "pick_device", "pick_precision",
+__all__ = ["Precision", "check_compile", "configure_backends", "derive_seed", "eval_batch_size", "pick_device", "pick_precision",
            "rng_states", "seed_everything", "set_rng_states"]

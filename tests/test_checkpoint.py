@@ -2,6 +2,7 @@
 systems without locks: one line, and the previous checkpoint stays loadable."""
 import errno
 import os
+import pickle
 import stat
 
 import pytest
@@ -61,3 +62,30 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with RunLock(tmp_path), RunLock(tmp_path):  # no error: locking is simply unavailable there
         pass
+
+
+def test_the_payload_keeps_its_containers_and_the_state_dicts_metadata(tmp_path):
+    # save_checkpoint rebuilds the payload to move tensors to the CPU (a GPU run's file then loads anywhere):
+    # lists stay lists, tuples tuples, and the model's state_dict keeps the module versions in _metadata
+    bn = torch.nn.BatchNorm2d(3)
+    nested = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": "x"}
+    save_checkpoint(tmp_path / "c.pt", model=bn, config={"model": "tiny"}, nested=nested, mean=(0.5, 0.25))
+    got = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert type(got["model"]) is type(bn.state_dict()) and got["model"]._metadata == bn.state_dict()._metadata
+    assert type(got["nested"]["a"]) is list and type(got["nested"]["a"][1]) is tuple and got["mean"] == (0.5, 0.25)
+    assert torch.equal(got["nested"]["a"][0], torch.ones(2)) and got["nested"]["a"][1][1] == 3 and got["nested"]["b"] == "x"
+
+
+def test_a_damaged_record_is_corrupt_not_refused_even_in_torch_2_4s_wording(tmp_path, monkeypatch):
+    path = _save(tmp_path / "checkpoint.pt", 1)
+
+    def load_as_torch_2_4(*args, **kwargs):  # 2.4 wrapped every load error in the weights_only text (fixed in 2.5)
+        raise pickle.UnpicklingError(
+            "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+            "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+            "source.\n WeightsUnpickler error: PytorchStreamReader failed reading file data/0: invalid header or "
+            "archive is corrupted")
+
+    monkeypatch.setattr(torch, "load", load_as_torch_2_4)
+    with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint"):
+        load_checkpoint(path)  # not "refused ... pass --trust-checkpoint", which would only switch the guard off

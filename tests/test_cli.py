@@ -68,10 +68,20 @@ def test_resume_from_a_checkpoint_path_continues_in_its_own_folder(run_dir, tmp_
         train(resume_config(elsewhere / "checkpoint.pt"), run_dir, resume=elsewhere / "checkpoint.pt")
 
 
+def test_evaluate_warns_in_one_line_when_class_names_differ(run_dir, tmp_path):
+    folder = write_imagefolder(tmp_path / "digits", n_per_class=2, classes=[str(i) for i in range(10)])
+    ev = cli("evaluate", "--checkpoint", run_dir / "checkpoint.pt", "--data", folder, "--no-download")
+    assert ev.returncode == 0, ev.stderr
+    warned = [line for line in ev.stderr.splitlines() if "class names differ" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), ev.stderr  # not Python's two-line format
+    assert "data/checkpoint: 0/airplane, 1/automobile, 2/bird, ...); labels are matched by position" in warned[0]
+
+
 def test_evaluate_predict_interpret(run_dir, tmp_path):
     ev = cli("evaluate", "--checkpoint", run_dir / "checkpoint.pt", "--dataset", "synthetic")
     assert ev.returncode == 0, ev.stderr
     assert "SYNTHETIC data" in ev.stdout and "Test set: Average loss:" in ev.stdout and "flip TTA" in ev.stdout
+    assert "class names differ" not in ev.stderr
     from PIL import Image
 
     Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "mine.png")
@@ -118,9 +128,11 @@ def _bad_imagefolder(tmp_path):
     (["predict", "--checkpoint", "{ckpt}", "--top", "0", "{tmp}/nope.png"], "for top: must be >= 1"),
     (["evaluate", "--checkpoint", "{ckpt}", "--batch-size", "0"], "for --batch-size: must be >= 1"),
     (["train", "--label-smoothing", "1.5"], "label_smoothing: must be in [0, 1)"),
-    (["train", "--model", "tiny", "--out", "{tmp}/empty.pt", *SMOKE], "is a file, not a run folder"),
+    (["train", "--model", "tiny", "--out", "{tmp}/empty.pt", *SMOKE], "is a file, not a folder"),
     (["lr-find", "--out", "{tmp}/lr", "--start-lr", "0"], "needs 0 < start-lr < end-lr"),
     (["lr-find", "--model", "tiny", "--out", "{tmp}/empty.pt", *SMOKE], "is a file, not a folder"),
+    (["interpret", "--checkpoint", "{ckpt}", "--out", "{tmp}/empty.pt"], "is a file, not a folder"),
+    (["interpret", "--checkpoint", "{ckpt}", "--out", "{tmp}/empty.pt/sub"], "empty.pt is a file"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_dir):
     (tmp_path / "trunc.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:3000])

@@ -112,3 +112,23 @@ def test_single_process_nccl_run(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "device cuda:0 x1" in proc.stdout and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_gpu_runs_checkpoint_holds_only_cpu_tensors(tmp_path):
+    """A bare ``torch.load`` (no map_location) of a Colab run's checkpoint works on a laptop without a GPU."""
+    train(make_config("fast", epochs=1, **TINY), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    devices = set()
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            devices.add(obj.device.type)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(ckpt)
+    assert devices == {"cpu"}

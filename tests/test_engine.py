@@ -7,7 +7,7 @@ from torch import nn
 from conftest import TinyNet, signal_at
 from eva_api import (ConfigError, History, Precision, Stepper, TensorLoader, TrainingError, evaluate, fit, format_test_line,
                      make_synthetic, pick_precision, seed_everything, train_one_epoch)
-from eva_api import runtime
+from eva_api import distributed, runtime
 from eva_api.optim import LRSchedule
 
 
@@ -130,6 +130,50 @@ def test_devices_that_cannot_run_here_are_refused_with_one_line(monkeypatch, nam
     with pytest.raises(ConfigError, match=match):
         runtime.pick_device(name)
     assert runtime.pick_device("auto").type == "cpu" and runtime.pick_device("cpu").type == "cpu"
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="more processes on this machine than it has GPUs"):
+        distributed.init_distributed("auto")
+
+
+def test_torchrun_on_mps_is_one_line_and_auto_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "pick_device", lambda name: torch.device("mps"))
+    with pytest.raises(ConfigError, match="cannot share MPS"):  # no collective backend runs on MPS tensors
+        distributed.init_distributed("mps")
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.append(backend))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    info = distributed.init_distributed("auto")  # "auto" on a Mac: the ranks share the CPU, which the run's first line says
+    assert joined == ["gloo"] and info.device == torch.device("cpu")
+
+
+def test_mixed_precision_on_mps_needs_a_torch_with_mps_autocast(monkeypatch):
+    # older torch fails mid-run ("unsupported autocast device_type 'mps'", below 2.5) or silently runs fp32
+    # labelled bf16 (2.5); fp32 always works
+    from torch.torch_version import TorchVersion
+
+    mps = torch.device("mps")
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.4.1"))
+    for name, need in (("fp16", "2.5"), ("bf16", "2.6")):
+        with pytest.raises(ConfigError, match=f"--precision {name} on mps needs torch >= {need}"):
+            pick_precision(mps, name)
+    assert pick_precision(mps, "fp32").dtype is None and pick_precision(mps).dtype is None
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1"))
+    assert pick_precision(mps, "fp16").dtype is torch.float16
+    with pytest.raises(ConfigError, match="needs torch >= 2.6"):
+        pick_precision(mps, "bf16")
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.10.0"))  # compared as a version, not as text
+    assert pick_precision(mps, "bf16").dtype is torch.bfloat16
 
 
 def test_under_ddp_on_cpu_the_stop_flag_is_asked_every_step(monkeypatch):

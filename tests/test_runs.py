@@ -209,3 +209,14 @@ def test_unfinished_run_finds_the_run_a_disconnect_left(full_run, tmp_path, monk
     with pytest.raises(Interrupted):
         train(make_config("fast", epochs=3, **TINY), tmp_path / "runs" / "a")
     assert unfinished_run(tmp_path / "runs") == tmp_path / "runs" / "a"
+
+
+def test_compile_where_torch_cannot_is_one_line_before_the_data_loads(monkeypatch, tmp_path):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)  # e.g. torch 2.5 on Python 3.13
+    config = make_config("fast", **{**TINY, "dataset": "cifar10"}, data=str(tmp_path / "none"), download=False,
+                         compile=True)
+    with pytest.raises(ConfigError, match="--compile: torch.compile does not run with torch"):  # not a DataError
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
