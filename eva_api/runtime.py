@@ -214,5 +214,5 @@ def set_rng_states(states: dict[str, Any], device: torch.device | None = None) -
             torch.cuda.set_rng_state(cuda, device)
 
 
-__all__ = ["Precision", "check_compile", "configure_backends", "derive_seed", "eval_batch_size", "pick_device", "pick_precision",
-           "rng_states", "seed_everything", "set_rng_states"]
+__all__ = ["Precision", "check_compile", "configure_backends", "derive_seed", "eval_batch_size", "pick_device",
+           "pick_precision", "rng_states", "seed_everything", "set_rng_states"]
