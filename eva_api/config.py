@@ -35,7 +35,7 @@ class Config:
     dropout: float = 0.0
     whiten_init: bool = False  # stem filters start as the training patches' whitening basis (eva_api.whitening)
     freeze_stem: bool = False  # the stem conv's weights keep their initial values (LR 0), as airbench does
-    sync_bn: bool = False  # SyncBatchNorm under DDP
+    sync_bn: bool = False  # SyncBatchNorm under DDP on CUDA (CPU ranks: refused, it cannot run there)
     # optimisation
     epochs: int = 4
     batch_size: int = 128

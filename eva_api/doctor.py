@@ -42,8 +42,11 @@ def environment(device: torch.device) -> list[str]:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timing covers it (GPUs run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def run_checks(device: torch.device) -> list[tuple[str, bool, str]]:

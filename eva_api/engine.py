@@ -77,6 +77,11 @@ class EpochState:
     skipped: int = 0  # fp16 steps the GradScaler skipped (gradients overflowed)
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for loss sums on ``device``: float64, except float32 on mps (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def course_desc(loss: float, batch_id: int, acc: float) -> str:
     """The course's progress line: ``Loss=0.4403 Batch_id=781 Accuracy=77.73``."""
     return f"Loss={loss:.4f} Batch_id={batch_id} Accuracy={acc:.2f}"
@@ -116,7 +121,8 @@ def train_one_epoch(
     state = state if state is not None else EpochState()
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    dtype_sum = _sum_dtype(device)
+    loss_sum = torch.zeros((), dtype=dtype_sum, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     skipped_before = stepper.skipped
     base = (state.loss_sum, state.correct, state.skipped)
@@ -143,7 +149,7 @@ def train_one_epoch(
                 loss = criterion(logits, y)
             stepper.step(loss)
             n = y.shape[0]
-            loss_sum += loss.detach().double() * n
+            loss_sum += loss.detach().to(dtype_sum) * n
             correct += (logits.detach().argmax(1) == y).sum()
             state.batches += 1
             state.samples += n
@@ -227,7 +233,8 @@ def evaluate(
     else:
         views = list(tta)
         tta_name = f"{len(views) + 1}-view"
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    dtype_sum = _sum_dtype(device)
+    loss_sum = torch.zeros((), dtype=dtype_sum, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     correct_tta = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
@@ -242,7 +249,7 @@ def evaluate(
                 for view in views:
                     avg += model(view(x)).float()
                 correct_tta += (avg.argmax(1) == y).sum()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").to(dtype_sum)
         correct += (logits.argmax(1) == y).sum()
         n += y.shape[0]
         if return_outputs:

@@ -118,6 +118,8 @@ def prepare(config: Config, dist: DistInfo | None = None, data: ImageData | None
     ``init_weights=False`` skips the data-dependent stem init (a checkpoint's weights will be loaded)."""
     dist = dist or DistInfo(device=pick_device(config.device))
     device = dist.device
+    if config.sync_bn and dist.distributed and device.type != "cuda":  # SyncBatchNorm's forward refuses CPU input
+        raise ConfigError(f"--sync-bn needs CUDA GPUs (nccl) under torchrun, not {device.type}; drop it")
     configure_backends(device)
     seed_everything(config.seed)
     data = data or load_config_data(config, progress=progress and dist.is_main, dist=dist)

@@ -174,7 +174,7 @@ def seed_everything(seed: int) -> None:
 def rng_states(device: torch.device | None = None) -> dict[str, Any]:
     """Global RNG states as tensors and plain numbers (so a checkpoint loads with ``weights_only=True``).
 
-    CUDA: only ``device``'s generator (each DDP rank keeps its own GPU's), never every GPU's."""
+    CUDA: only ``device``'s generator (each DDP rank keeps its own GPU's), never every GPU's. mps: its one generator."""
     version, internal, gauss = random.getstate()
     states: dict[str, Any] = {"python": torch.tensor(internal, dtype=torch.int64), "python_gauss": gauss,
                               "torch": torch.get_rng_state()}
@@ -188,11 +188,13 @@ def rng_states(device: torch.device | None = None) -> dict[str, Any]:
         pass
     if device is not None and device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is not None and device.type == "mps":  # dropout draws there
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
 def set_rng_states(states: dict[str, Any], device: torch.device | None = None) -> None:
-    """Restore what :func:`rng_states` returned (the CUDA state only onto ``device``).
+    """Restore what :func:`rng_states` returned (the CUDA or mps state only onto ``device``).
 
     Also takes the pickled form of eva_api before checkpoint format 2 (python/numpy states as tuples)."""
     python = states["python"]
@@ -212,6 +214,8 @@ def set_rng_states(states: dict[str, Any], device: torch.device | None = None) -
             cuda = cuda[index] if index < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+    if "mps" in states and device is not None and device.type == "mps":
+        torch.mps.set_rng_state(states["mps"])
 
 
 __all__ = ["Precision", "check_compile", "configure_backends", "derive_seed", "eval_batch_size", "pick_device",

@@ -1,4 +1,7 @@
 
+import importlib
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,28 @@ def test_evaluate_averages_over_samples_not_batches(capsys):
     assert m["acc"] == pytest.approx(100 * hand_correct / 7)
     line = format_test_line(m)
     assert line == f"Test set: Average loss: {hand_loss:.4f}, Accuracy: {hand_correct}/7 ({100 * hand_correct / 7:.2f}%)"
+
+
+def test_loss_sums_use_float32_on_mps_which_has_no_float64(monkeypatch):
+    from eva_api import engine
+
+    assert engine._sum_dtype(torch.device("mps")) is torch.float32
+    assert engine._sum_dtype(torch.device("cpu")) is engine._sum_dtype(torch.device("cuda", 0)) is torch.float64
+    asked = []
+
+    def float32_sums(device):  # what mps gets; both loops must ask for their sum dtype, not assume float64
+        asked.append(device.type)
+        return torch.float32
+
+    monkeypatch.setattr(engine, "_sum_dtype", float32_sums)
+    data = make_synthetic(32, 32)
+    model = TinyNet()
+    tr = train_one_epoch(model, TensorLoader(data.train, data.mean, data.std, 16, train=True),
+                         Stepper(torch.optim.SGD(model.parameters(), lr=0.01)), criterion=F.cross_entropy,
+                         precision=Precision("cpu", None), progress=False)
+    ev = evaluate(model, TensorLoader(data.test, data.mean, data.std, 16, train=False))
+    assert asked == ["cpu", "cpu"]
+    assert math.isfinite(tr["loss"]) and math.isfinite(ev["loss"]) and ev["total"] == 32
 
 
 def test_tta_with_the_identity_view_equals_plain_evaluation():
@@ -174,6 +199,28 @@ def test_mixed_precision_on_mps_needs_a_torch_with_mps_autocast(monkeypatch):
         pick_precision(mps, "bf16")
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.10.0"))  # compared as a version, not as text
     assert pick_precision(mps, "bf16").dtype is torch.bfloat16
+
+
+def test_the_mps_generator_is_saved_and_restored_for_resume(monkeypatch):
+    generator = {"state": torch.arange(4, dtype=torch.uint8)}  # dropout on mps draws from it
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *a, **k: generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, *a, **k: generator.update(state=state))
+    mps = torch.device("mps")
+    states = runtime.rng_states(mps)
+    generator["state"] = torch.zeros(4, dtype=torch.uint8)
+    runtime.set_rng_states(states, mps)
+    assert torch.equal(generator["state"], torch.arange(4, dtype=torch.uint8))
+    assert "mps" not in runtime.rng_states(torch.device("cpu"))
+
+
+def test_doctor_waits_for_the_mps_queue_before_reading_its_timings(monkeypatch):
+    doctor = importlib.import_module("eva_api.doctor")  # the package's `doctor` is the function
+
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    doctor._sync(torch.device("mps"))
+    doctor._sync(torch.device("cpu"))
+    assert waited == ["mps"]
 
 
 def test_under_ddp_on_cpu_the_stop_flag_is_asked_every_step(monkeypatch):

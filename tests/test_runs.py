@@ -220,3 +220,17 @@ def test_compile_where_torch_cannot_is_one_line_before_the_data_loads(monkeypatc
     with pytest.raises(ConfigError, match="--compile: torch.compile does not run with torch"):  # not a DataError
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_with_one_line_before_loading_data(monkeypatch):
+    from eva_api import runner
+    from eva_api.distributed import DistInfo
+
+    # SyncBatchNorm's forward raises on CPU input, so gloo ranks would die with a traceback at the first batch
+    monkeypatch.setattr(runner, "load_config_data", lambda *a, **k: pytest.fail("loaded data before refusing"))
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA GPUs"):
+        runner.prepare(make_config(**TINY, sync_bn=True), dist=DistInfo(rank=1, world_size=2))
+    monkeypatch.undo()
+    setup = runner.prepare(make_config(**TINY, sync_bn=True))  # one process: nothing to sync, plain BatchNorm
+    kinds = {type(m) for m in setup.model.modules()}
+    assert torch.nn.BatchNorm2d in kinds and torch.nn.SyncBatchNorm not in kinds
