@@ -205,7 +205,7 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any] | None = Non
     """The config to continue a saved run with: the checkpoint's, with ``overrides`` (CLI ``--key value``) on
     top; :func:`train` then refuses any override that is not a runtime field. ``recipe`` (when given) must
     be the saved one."""
-    saved = Config.from_dict(load_checkpoint(checkpoint, trust=trust)["config"])
+    saved = Config.from_dict(load_checkpoint(checkpoint, trust=trust, mmap=True)["config"])
     if recipe is not None and recipe != saved.recipe:
         raise ConfigError(f"cannot resume: the run in {checkpoint} uses recipe {saved.recipe!r}, not {recipe!r}")
     return replace(saved, **(overrides or {}))
@@ -219,7 +219,7 @@ def unfinished_run(root: str | Path) -> Path | None:
                         key=lambda d: (d / CHECKPOINT).stat().st_mtime, reverse=True)
     for folder in candidates:
         try:
-            ckpt = load_checkpoint(folder / CHECKPOINT)
+            ckpt = load_checkpoint(folder / CHECKPOINT, mmap=True)
         except CheckpointError:
             continue
         if ckpt["epoch"] < int(ckpt["config"].get("epochs", 0)):

@@ -211,6 +211,19 @@ def test_unfinished_run_finds_the_run_a_disconnect_left(full_run, tmp_path, monk
     assert unfinished_run(tmp_path / "runs") == tmp_path / "runs" / "a"
 
 
+def test_the_config_only_reads_map_the_checkpoint(full_run, monkeypatch):
+    # unfinished_run walks every run under a (Drive) folder and resume_config reads the file that train then
+    # loads in full: both need only config and epoch, so neither reads the ~86 MB of tensors
+    from eva_api import unfinished_run
+    from eva_api.runner import resume_config
+
+    _, done = full_run
+    maps, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: maps.append(k.get("mmap", False)) or real_load(*a, **k))
+    assert unfinished_run(done) is None and resume_config(done / "checkpoint.pt").epochs == 3
+    assert maps == [True, True]
+
+
 def test_compile_where_torch_cannot_is_one_line_before_the_data_loads(monkeypatch, tmp_path):
     import torch._dynamo
 
