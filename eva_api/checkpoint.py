@@ -125,8 +125,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     ``trust=True`` (``--trust-checkpoint``) also reads files that need full unpickling, such as those of
     eva_api before format 2; only for files you made yourself: unpickling can run any code.
     ``mmap=True`` maps the tensors instead of reading them, for a look at the config or epoch only: the
-    ~86 MB of a ``fast`` ResNet18 run are then not read, which counts over a Drive mount (plain read where the
-    file system cannot map)."""
+    ~86 MB of a ``fast`` run's weights and Muon momenta are then not read, which counts over a Drive mount.
+    Zip-format files only (what ``torch.save`` writes); a plain read where the file system cannot map."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")

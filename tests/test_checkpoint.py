@@ -91,8 +91,9 @@ def test_a_damaged_record_is_corrupt_not_refused_even_in_torch_2_4s_wording(tmp_
         load_checkpoint(path)  # not "refused ... pass --trust-checkpoint", which would only switch the guard off
 
 
-@pytest.mark.parametrize("can_map", [True, False])
-def test_a_look_at_the_config_maps_the_file_or_falls_back_to_a_plain_read(tmp_path, monkeypatch, can_map):
+@pytest.mark.parametrize("map_error", [None, RuntimeError("unable to mmap 1536 bytes from file: Operation not supported"),
+                                       OSError(errno.ENODEV, "No such device")])
+def test_a_look_at_the_config_maps_the_file_or_falls_back_to_a_plain_read(tmp_path, monkeypatch, map_error):
     # mmap=True (resume_config, unfinished_run) maps the tensors instead of reading them; a file system that
     # cannot map files (RuntimeError / OSError from torch) still gets the checkpoint, by a plain read
     path = _save(tmp_path / "checkpoint.pt", 3)
@@ -100,14 +101,14 @@ def test_a_look_at_the_config_maps_the_file_or_falls_back_to_a_plain_read(tmp_pa
 
     def load(*args, **kwargs):
         calls.append(kwargs.get("mmap", False))
-        if kwargs.get("mmap") and not can_map:
-            raise RuntimeError("unable to mmap 1536 bytes from file: Operation not supported")
+        if kwargs.get("mmap") and map_error is not None:
+            raise map_error
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", load)
     ckpt = load_checkpoint(path, mmap=True)
     assert ckpt["epoch"] == 3 and torch.equal(ckpt["model"]["w"], torch.full((4,), 3.0))
-    assert calls == ([True] if can_map else [True, False])
+    assert calls == ([True] if map_error is None else [True, False])
     calls.clear()
     load_checkpoint(path)
     assert calls == [False]  # a full load (resume, load_model) reads the file as before
