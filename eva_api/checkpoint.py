@@ -108,11 +108,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _torch_load(path: Path, map_location: str | torch.device, trust: bool, mmap: bool) -> Any:
-    if mmap and zipfile.is_zipfile(path):
+    if mmap:
         try:
             return torch.load(path, map_location=map_location, weights_only=not trust, mmap=True)
         except (RuntimeError, OSError):
-            pass  # a file system that cannot map files (or a damaged file): the plain read words the error
+            pass  # not a zip file, a damaged one, or a file system that cannot map: the plain read words it
     return torch.load(path, map_location=map_location, weights_only=not trust)
 
 
