@@ -1,49 +1,92 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, as one prepared run for a session lent one through the `device` tool
-# (CI has no GPU; none of these has run yet). A failed step does not stop the next; each step's log and
-# the accuracy summaries (one file) land in $OUT (7 files; 8 at most come back from there), run folders in /tmp.
+# Every check and timing that needs a CUDA GPU, in one run of at most 8 minutes (CI has no GPU).
 #
-#   here, once:  mkdir -p .gpu_data && cp ../shared/data/cifar10-dev.zip .gpu_data/   (.gpu_data/ is ignored)
-#   device run:  command "bash bench/gpu_checks.sh", carry [".gpu_data"], timeout_s 540
+#   bash bench/gpu_checks.sh DATA [OUT]
 #
-# Order = value per device minute: the CUDA tests and `doctor` (fp16 + GradScaler, bf16, nccl, exact resume,
-# no hidden syncs), the throughput bench, then the accuracy runs the default-epochs rule of issue 17 needs
-# (`fast --epochs 3` and `--epochs 4`, seeds 0-2; a few minutes on an H200, ~2 h per 3-epoch seed on the CPU),
-# then the 2-epoch moonshot's seeds 0-2 (one seed exists: 84.38%). EPOCHS="3 4 2" and SEEDS="0 1 2" override them.
+# DATA: CIFAR-10 as `--data` takes it (a folder: official files or ImageFolder train/ + test/), or a .zip of
+# such a folder (unpacked to /tmp). OUT (default ./gpu_checks, or $OUT): a few files, each step's log and
+# the runs' summaries; run folders go to /tmp/gpu_runs, the decoded data cache to /tmp/eva_api_cache.
+# Wheels of missing packages (torchsummary) in .whl/ are installed to /tmp/site first.
+#
+# Order = value per GPU minute; each step has a time cap and the whole script a deadline (DEADLINE seconds,
+# default 480), so a slow step shortens the ones after it instead of the run overrunning:
+#   1. tests/test_cuda.py (fp16 + GradScaler, bf16, captured steps against eager, exact resume eager and
+#      captured, no hidden syncs, doctor, nccl) while the data is decoded;
+#   2. `fast` 3 epochs (the captured step, the CUDA default), seeds 0-2 (time and accuracy; `nvidia-smi dmon`
+#      beside them);
+#   3. bench/throughput.py: eager, captured and compiled steps at batch 64 and 512, and bench/muon_cost.py;
+#   4. `s8 --loader tensor` and `s8` (classic DataLoader, 12 workers: the notebook's path), 22 epochs each, seed 0:
+#      the same accuracy is the check; classic is last and cut first (it ran ~8.5 s per epoch on an H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-gpu_checks}"
+data_arg=${1:-}
+out=${2:-${OUT:-gpu_checks}}
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 EVA_API_CACHE=/tmp/eva_api_cache  # the decoded data cache (~150 MB) stays there
+deadline=${DEADLINE:-480}
+export PYTHONUNBUFFERED=1 EVA_API_CACHE=/tmp/eva_api_cache
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's eva_api, uninstalled, in every subprocess too
 
-step() {  # step NAME CMD...: the command's output to $out/NAME.log, its status and last lines here
-    local name=$1
-    shift
+step() {  # step NAME CAP_SECONDS CMD...: CMD's output appended to $out/NAME.log, at most CAP s and the time left
+    local name=$1 cap=$2 left=$((deadline - SECONDS))
+    shift 2
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then
+        echo "== $name: skipped, ${left}s left" | tee -a "$out/$name.log"
+        return
+    fi
     local start=$SECONDS
-    echo "== $name: $*"
-    "$@" >"$out/$name.log" 2>&1
-    echo "== $name: rc $? in $((SECONDS - start)) s"
-    tail -n 6 "$out/$name.log"
+    echo "== $name (cap ${cap}s): $*" | tee -a "$out/$name.log"
+    timeout "$cap" "$@" >>"$out/$name.log" 2>&1
+    echo "== $name: rc $? in $((SECONDS - start)) s" | tee -a "$out/$name.log"
+    tail -n 4 "$out/$name.log"
 }
 
-"$py" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
-step test_cuda "$py" -m pytest -q -rs tests/test_cuda.py
-step doctor "$py" -m eva_api doctor --device cuda
-step throughput "$py" bench/throughput.py --device cuda --quick
+{ nvidia-smi; "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, '|', torch.cuda.get_device_name())"; } >"$out/env.txt" 2>&1
+tail -n 1 "$out/env.txt"
 
-data=/tmp/cifar10-dev
-if [ ! -d "$data" ] && [ -f .gpu_data/cifar10-dev.zip ]; then
-    "$py" -m zipfile -e .gpu_data/cifar10-dev.zip /tmp
+data=""
+case "$data_arg" in
+    *.zip) "$py" -m zipfile -e "$data_arg" /tmp/gpu_data && data=$(dirname "$(find /tmp/gpu_data -maxdepth 3 -type d -name train | head -n 1)") ;;
+    "") ;;
+    *) data=$data_arg ;;
+esac
+if [ -n "$data" ]; then  # decode once into the cache while the tests run
+    "$py" -c "import eva_api, sys; d = eva_api.load_data('cifar10', sys.argv[1], download=False, progress=False); print(d.source, len(d.train), len(d.test))" "$data" >"$out/fast.log" 2>&1 &
 fi
-if [ ! -d "$data" ]; then
-    echo "== accuracy runs skipped: no $data (carry .gpu_data holding cifar10-dev.zip)"
+step test_cuda 200 "$py" -m pytest -q -rs tests/test_cuda.py
+wait
+if [ -z "$data" ]; then
+    echo "== no DATA: the training runs are skipped"
+    step throughput 150 "$py" bench/throughput.py --device cuda
     exit 0
 fi
-for epochs in ${EPOCHS:-3 4 2}; do
+
+tta() {  # tta NAME SEEDS RECIPE [--key value ...]: the command line of bench/time_to_accuracy.py into /tmp/gpu_runs/NAME
+    local name=$1 seeds=$2
+    shift 2
     # shellcheck disable=SC2086
-    step "ep$epochs" "$py" bench/time_to_accuracy.py --data "$data" --recipe fast --epochs "$epochs" \
-        --seeds ${SEEDS:-0 1 2} --no-progress --out "/tmp/gpu_runs/ep$epochs"
-    { echo "== fast --epochs $epochs"; cat "/tmp/gpu_runs/ep$epochs/summary.json"; } >>"$out/summaries.txt" 2>/dev/null
-done
+    echo "$py" bench/time_to_accuracy.py --data "$data" --seeds $seeds --no-progress --out "/tmp/gpu_runs/$name" --recipe "$@"
+}
+summary() {  # summary NAME...: the runs' summary.json into $out/summaries.txt
+    for name in "$@"; do
+        { echo "== $name"; cat "/tmp/gpu_runs/$name/summary.json"; } >>"$out/summaries.txt" 2>/dev/null
+    done
+}
+nvidia-smi dmon -s u -d 1 >"$out/dmon.log" 2>&1 &
+dmon=$!
+# shellcheck disable=SC2046
+step fast 120 $(tta fast_graph "0 1 2" fast)
+kill "$dmon" 2>/dev/null
+summary fast_graph
+step throughput 150 "$py" bench/throughput.py --device cuda
+step throughput 30 "$py" bench/muon_cost.py --device cuda --rounds 3 --repeat 5
+# shellcheck disable=SC2046
+step s8 90 $(tta s8_tensor 0 s8 --loader tensor)
+# shellcheck disable=SC2046
+step s8 200 $(tta s8_classic 0 s8 --num-workers 12)
+summary s8_tensor s8_classic
+echo "== done in ${SECONDS}s"

@@ -107,6 +107,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# How a torch.save file starts: a zip archive, or (the legacy format) its pickled magic number
+_TORCH_HEADERS = (b"PK\x03\x04", *(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p)
+                                   for p in range(pickle.HIGHEST_PROTOCOL + 1)))
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` files do; anything else (a README, random bytes, a plain pickle)
+    is no checkpoint at all, and --trust-checkpoint could not make it one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    return head.startswith(_TORCH_HEADERS)
+
+
 def _torch_load(path: Path, map_location: str | torch.device, trust: bool, mmap: bool) -> Any:
     if mmap:
         try:
@@ -132,6 +148,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (not a checkpoint)")
+    if not _is_torch_file(path):
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         ckpt = _torch_load(path, map_location, trust, mmap)
     except pickle.UnpicklingError as e:

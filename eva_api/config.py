@@ -26,7 +26,7 @@ class Config:
     synthetic_train: int = 2000  # sizes of the generated set when dataset == synthetic
     synthetic_test: int = 500
     loader: str = "tensor"  # tensor: in-memory uint8 on the device; classic: DataLoader + PIL transforms
-    augment: str = "crop_flip"  # crop_flip | s8 (flip, ±5° rotation, colour jitter; classic only) | none
+    augment: str = "crop_flip"  # crop_flip | s8 (flip, ±5° rotation, colour jitter) | none
     crop_padding: int = 4  # crop_flip: reflect-pad by this many pixels, then crop back to the input size
     cutout: int = 0  # side of the cutout square in pixels (tensor loader); 0 = off
     num_workers: int = 2  # classic loader only
@@ -60,6 +60,7 @@ class Config:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
+    cuda_graph: bool = True  # CUDA: each step replays as one captured CUDA graph (StaticStep; 5.3x on an H200); CPU/MPS: the same step, eagerly
     seed: int = 0
     tta: bool = True  # also report flip-TTA test accuracy each epoch
     progress: bool = True
@@ -110,23 +111,17 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # The course run (S8): it reached 86.76% test accuracy at epoch 20 in the original logs. Dropout 0.25 is
-    # the course card's value (placement not stated; before the head is the plain reading); nothing measured
-    # says the course run could not have used it.
+    # The course run (S8): 86.76% at epoch 20 in the course logs; 86.64% after 22 epochs on the official test
+    # split (H200, 2026-12-04). Dropout 0.25 is the course card's value, before the head (placement not stated).
     "s8": dict(
         batch_size=64, lr=0.01, momentum=0.9, nesterov=False, weight_decay=1e-3, wd_on_bn_bias=True,
         schedule="multistep", milestones=(14, 18), gamma=0.1, epochs=22, loader="classic",
         augment="s8", dropout=0.25, label_smoothing=0.0,
     ),
-    # Time-to-accuracy: one-cycle, label smoothing, crop + flip on whole batches, bf16, channels_last, and
-    # the stem initialised from the whitening basis of training patches and then frozen. Measured on the
-    # dev split (45k/5k; README), one-epoch screens (seed 0) from the previous recipe's 65.98%: frozen stem
-    # 67.88%, 2-px crops 68.04%, batch 64 at lr 0.1 67.58%, label smoothing 0.2 65.84% (not taken).
-    # Batch 64 costs nothing in speed on CPU (same images/s) and gives twice the steps. After 4 epochs
-    # (seeds 0, 1): 83.09% -> 83.88%. Round 6: Muon for the conv filters (one-epoch screen 69.82% -> 80.18%;
-    # ~30% more seconds per epoch on the 2-core CPU) took the 4-epoch run to 87.28 +- 0.34% (seeds 0, 1; README).
-    # 0.2 (independent augmentation draws), --epochs 3, seeds 0, 1, 2: 86.62 / 85.88 / 86.30% (fp32 AVX2, fp32
-    # AVX512, bf16 AMX CPUs): every seed clears 85.5%, so 3 is the default (issue 17's rule); 2 reached 84.38%.
+    # Time-to-accuracy: Muon for the conv filters, one-cycle, label smoothing, 2-px crop + flip on whole batches,
+    # the stem set to the whitening basis of training patches and frozen, batch 64 (twice the steps of 128 at
+    # the same images/s). 3 epochs: the fewest at which every seed clears 85.5% (dev split, seeds 0-2: 86.32 /
+    # 85.84 / 86.70% on an H200; 2 epochs: 84.38%). Each choice's measurement: docs/results.md.
     "fast": dict(
         optimizer="muon", muon_lr=0.03, muon_momentum=0.9,
         batch_size=64, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, wd_on_bn_bias=False,
@@ -207,7 +202,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             i += 1
             continue
         if key not in types:
-            raise ConfigError(f"unknown option --{key.replace('_', '-')}; valid keys: {', '.join(types)}")
+            raise _unknown_option(key, types)
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
             if str(types[key]) == "bool" and (nxt is None or nxt.startswith("--")):
@@ -222,9 +217,21 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def _unknown_option(key: str, types: dict[str, Any]) -> ConfigError:
+    """The refusal of ``--key``: the closest option (difflib) and all of them, as typed (dashed; ``--no-x`` too)."""
+    import difflib
+
+    options = [f"--{k.replace('_', '-')}" for k in types]
+    negated = [f"--no-{k.replace('_', '-')}" for k, t in types.items() if str(t) == "bool"]
+    typed = f"--{key.replace('_', '-')}"
+    close = difflib.get_close_matches(typed, options + negated, n=1, cutoff=0.75)  # 0.6 offers --gamma for --ema
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown option {typed}{hint}; valid options: {', '.join(options)} (a boolean also as --no-x)")
+
+
 # Fields that only say where and how a run executes: a resumed run may change them; any other change
 # would make the resumed run a different experiment than the one saved.
-RUNTIME_FIELDS = ("data", "download", "device", "num_workers", "progress", "compile", "gallery")
+RUNTIME_FIELDS = ("data", "download", "device", "num_workers", "progress", "compile", "cuda_graph", "gallery")
 
 
 def resume_conflicts(saved: Config, new: Config) -> list[str]:

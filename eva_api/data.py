@@ -6,12 +6,14 @@ Sources, detected from the path in this order:
     ``cifar-10-python.tar.gz`` (read straight from the archive, nothing extracted);
   * otherwise the official download into ROOT (torchvision), when ``download`` is on.
 ``load_data("synthetic")`` generates a small deterministic set with learnable structure.
+``load_data(..., test_only=True)`` reads the test split alone (what evaluating a checkpoint needs).
 
 Decoded splits are cached as one ``.pt`` file keyed by the source files' names, sizes and mtimes,
 so a changed folder is re-read and a second load of 50,000 images takes a second or two.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -20,6 +22,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -127,20 +130,48 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise DataError(f"{split_dir}: no class sub-folders (expected {split_dir}/<class>/<image files>)")
     files = []
     for label, d in enumerate(class_dirs):
-        files += [(p, label) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"{split_dir}: class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        images = image_files(d)
+        if not images:  # refused: its label would name a class the model never sees (0% accuracy, every run)
+            raise DataError(f"{d}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add some "
+                            f"or remove the folder")
+        files += [(p, label) for p in images]
     return [d.name for d in class_dirs], files
 
 
-def _decode(path: Path) -> np.ndarray:
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@contextlib.contextmanager
+def decompression_bombs_refused() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning (an image past ``Image.MAX_IMAGE_PIXELS``) raised as an error, which
+    :func:`open_rgb` turns into one line. Set it in the thread that starts the decoding: warning filters are
+    process-wide, so a pool's threads follow it (entering it in each of them would not be thread-safe)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def open_rgb(path: Path) -> "PIL.Image.Image":  # noqa: F821
+    """The image file ``path`` decoded to RGB; :class:`DataError` (one line) if it cannot be read or is too large
+    to decode safely (Pillow's decompression-bomb limit; the warning level too under
+    :func:`decompression_bombs_refused`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image too large to decode safely ({e})") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _decode(path: Path) -> np.ndarray:
+    return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
 def _read_imagefolder_split(split_dir: Path, classes: list[str] | None, progress: bool) -> tuple[Split, list[str]]:
@@ -149,7 +180,7 @@ def _read_imagefolder_split(split_dir: Path, classes: list[str] | None, progress
         raise DataError(f"{split_dir}: class folders {found} differ from the training split's {classes}")
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+    with decompression_bombs_refused(), ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         arrays = list(tqdm(pool.map(_decode, (p for p, _ in files), chunksize=256), total=len(files),
                            desc=f"decoding {split_dir.name}/", disable=not progress, leave=False))
     h, w = arrays[0].shape[:2]
@@ -178,63 +209,98 @@ def _batch_to_split(batches: list[dict], where: str) -> Split:
     return Split(images, torch.tensor(labels, dtype=torch.long))
 
 
-def _read_official_dir(batches_dir: Path) -> tuple[Split, Split, list[str]]:
+def _read_official_dir(batches_dir: Path, test_only: bool = False) -> tuple[Split | None, Split, list[str]]:
+    """(train, test, classes) from the official python batches; train is None with ``test_only``."""
     train_files = sorted(batches_dir.glob("data_batch_*"))
     test_file = batches_dir / "test_batch"
-    if not train_files or not test_file.is_file():
-        raise DataError(f"{batches_dir}: expected data_batch_1..5 and test_batch (the official python format)")
-    batches = []
-    for p in train_files:
+    if not test_file.is_file() or not (train_files or test_only):
+        wanted = "test_batch" if test_only else "data_batch_1..5 and test_batch"
+        raise DataError(f"{batches_dir}: expected {wanted} (the official python format)")
+
+    def read(p: Path) -> dict:
         with open(p, "rb") as f:
-            batches.append(_unpickle(f))
-    with open(test_file, "rb") as f:
-        test = _unpickle(f)
-    classes = list(CIFAR10_CLASSES)
+            return _unpickle(f)
+
+    train = None if test_only else _batch_to_split([read(p) for p in train_files], str(batches_dir))
     meta = batches_dir / "batches.meta"
-    if meta.is_file():
-        with open(meta, "rb") as f:
-            classes = [n.decode() for n in _unpickle(f)[b"label_names"]]
-    return _batch_to_split(batches, str(batches_dir)), _batch_to_split([test], str(test_file)), classes
+    classes = [n.decode() for n in read(meta)[b"label_names"]] if meta.is_file() else list(CIFAR10_CLASSES)
+    return train, _batch_to_split([read(test_file)], str(test_file)), classes
 
 
-def _read_official_tar(path: Path) -> tuple[Split, Split, list[str]]:
+def _read_official_tar(path: Path, test_only: bool = False) -> tuple[Split | None, Split, list[str]]:
+    """(train, test, classes) straight from the official archive; train is None with ``test_only``."""
     try:
         with tarfile.open(path, "r:gz") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             train_names = sorted(n for n in members if n.startswith("data_batch_"))
-            if not train_names or "test_batch" not in members:
-                raise DataError(f"{path}: archive lacks data_batch_* / test_batch")
-            train = [_unpickle(tar.extractfile(members[n])) for n in train_names]
+            if "test_batch" not in members or not (train_names or test_only):
+                raise DataError(f"{path}: archive lacks {'test_batch' if test_only else 'data_batch_* / test_batch'}")
+            train = None if test_only else [_unpickle(tar.extractfile(members[n])) for n in train_names]
             test = _unpickle(tar.extractfile(members["test_batch"]))
             classes = list(CIFAR10_CLASSES)
             if "batches.meta" in members:
                 classes = [n.decode() for n in _unpickle(tar.extractfile(members["batches.meta"]))[b"label_names"]]
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({type(e).__name__}: {e})") from None
-    return _batch_to_split(train, str(path)), _batch_to_split([test], str(path)), classes
+    return (None if train is None else _batch_to_split(train, str(path))), _batch_to_split([test], str(path)), classes
 
 
 def _download_official(root: Path) -> Path:
-    """Download the official CIFAR-10 into ``root`` with torchvision; one clear error when offline."""
+    """Download the official CIFAR-10 into ``root`` with torchvision; one clear error when offline, and then the
+    folders made for it (torchvision makes ``root`` before it connects) are removed again."""
     from torchvision.datasets import CIFAR10
 
+    made = [p for p in (root, *root.parents) if not p.exists()]  # innermost first
     try:
-        root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
     except Exception as e:  # URLError, socket errors, HTTP errors, checksum mismatch, read-only dir
+        _remove_empty(made)
+        where = f"{root}: no such folder, and CIFAR-10" if made else f"CIFAR-10 is not in {root} and"
         raise DataError(
-            f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
-            f"put cifar-10-batches-py/ or cifar-10-python.tar.gz in {root}, point --data at an ImageFolder "
-            f"with train/ and test/, or use --dataset synthetic"
+            f"{where} could not be downloaded ({type(e).__name__}: {e}); check the path, put cifar-10-batches-py/ "
+            f"or cifar-10-python.tar.gz in {root}, point --data at an ImageFolder with train/ and test/, or use "
+            f"--dataset synthetic"
         ) from None
     return root / "cifar-10-batches-py"
 
 
-def detect_source(root: Path) -> tuple[str, Path] | None:
-    """``(kind, path)`` with kind in imagefolder | official | tar, or None when nothing is found."""
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: a failed download leaves no folder behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # refuses a folder that is not empty (a download that started keeps its partial file)
+        except OSError:
+            return
+
+
+def _is_split_folder(root: Path) -> bool:
+    """Whether ``root`` holds class folders of images, as one split of an ImageFolder (e.g. PATH/test) does."""
+    return root.is_dir() and any(image_files(d) for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _no_source(root: Path, download: bool, test_only: bool) -> tuple[str, Path]:
+    """Nothing usable at ``root``: download the official files there, or say in one line why not."""
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: not a folder nor a cifar-10-python.tar.gz archive")
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        missing = "test" if (root / "train").is_dir() else "train"
+        raise DataError(f"{root}: ImageFolder layout needs {'test/' if test_only else 'both train/ and test/'} "
+                        f"({missing}/ is missing)")
+    if _is_split_folder(root):
+        raise DataError(f"{root}: holds class folders of images, not {'test/' if test_only else 'train/ and test/'}; "
+                        f"if it is one split, point --data at its parent ({root.parent})")
+    if not download:
+        what = "no CIFAR-10 here (official files or ImageFolder train/ + test/)" if root.exists() else "no such folder"
+        raise DataError(f"{root}: {what} and download is off")
+    return "official", _download_official(root)
+
+
+def detect_source(root: Path, test_only: bool = False) -> tuple[str, Path] | None:
+    """``(kind, path)`` with kind in imagefolder | official | tar, or None when nothing is found. ``test_only``:
+    an ImageFolder needs only test/."""
     if root.is_file():
         return ("tar", root) if root.name.endswith((".tar.gz", ".tgz")) else None
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    if (root / "test").is_dir() and (test_only or (root / "train").is_dir()):
         return "imagefolder", root
     for d in (root / "cifar-10-batches-py", root):
         if (d / "data_batch_1").is_file() or (d / "test_batch").is_file():
@@ -267,17 +333,19 @@ def _load_cache(file: Path, key: str) -> ImageData | None:
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
         assert blob["key"] == key and blob["version"] == _CACHE_VERSION
-        splits = []
-        for name in ("train", "test"):
-            images, labels = blob[f"{name}_images"], blob[f"{name}_labels"]
-            assert images.dtype == torch.uint8 and images.ndim == 4 and labels.dtype == torch.long
-            assert len(images) == len(labels) and int(labels.max()) < len(blob["classes"])
-            splits.append(Split(images, labels))
-        return ImageData(splits[0], splits[1], list(blob["classes"]), tuple(blob["mean"]), tuple(blob["std"]),
-                         blob["source"])
+        train, test = (_cached_split(blob, name, len(blob["classes"])) for name in ("train", "test"))
+        assert len(test) and (len(train) or not blob["mean"])  # a train split is empty in a test-only cache alone
+        return ImageData(train, test, list(blob["classes"]), tuple(blob["mean"]), tuple(blob["std"]), blob["source"])
     except Exception as e:  # truncated zip, wrong keys, tampered tensors: rebuild
         warnings.warn(f"data cache {file} is unusable ({type(e).__name__}); rebuilding it", stacklevel=3)
         return None
+
+
+def _cached_split(blob: dict, name: str, num_classes: int) -> Split:
+    images, labels = blob[f"{name}_images"], blob[f"{name}_labels"]
+    assert images.dtype == torch.uint8 and images.ndim == 4 and labels.dtype == torch.long
+    assert len(images) == len(labels) and (not len(labels) or int(labels.max()) < num_classes)
+    return Split(images, labels)
 
 
 def _save_cache(file: Path, key: str, data: ImageData) -> None:
@@ -305,38 +373,41 @@ def load_data(
     synthetic_test: int = 500,
     seed: int = 0,
     progress: bool = True,
+    test_only: bool = False,
 ) -> ImageData:
-    """Train and test splits of CIFAR-10 (or of an ImageFolder) as uint8 tensors; see the module doc."""
+    """Train and test splits of CIFAR-10 (or of an ImageFolder) as uint8 tensors; see the module doc.
+
+    ``test_only`` reads the test split alone, e.g. to evaluate a checkpoint (which holds the training mean/std):
+    an ImageFolder needs only test/, the official files only test_batch; ``train`` is then empty and ``mean``
+    and ``std`` are ``()``. Synthetic data is generated whole either way (it takes no time)."""
     if dataset == "synthetic":
         return make_synthetic(synthetic_train, synthetic_test, seed=seed)
     if dataset != "cifar10":
         raise DataError(f"unknown dataset {dataset!r}; choose cifar10 or synthetic")
     root = Path(root).expanduser()
-    found = detect_source(root)
-    if found is None:
-        if root.exists() and not root.is_dir():
-            raise DataError(f"{root}: not a folder nor a cifar-10-python.tar.gz archive")
-        if root.is_dir() and ((root / "train").is_dir() or (root / "test").is_dir()):
-            missing = "test" if (root / "train").is_dir() else "train"
-            raise DataError(f"{root}: ImageFolder layout needs both train/ and test/ ({missing}/ is missing)")
-        if not download:
-            raise DataError(f"{root}: no CIFAR-10 here (official files or ImageFolder train/ + test/) "
-                            f"and download is off")
-        found = ("official", _download_official(root))
-    kind, path = found
-    key = _fingerprint(kind, path)
-    cache_file = Path(cache_dir or default_cache_dir()) / f"{kind}-{key}.pt"
+    kind, path = detect_source(root, test_only) or _no_source(root, download, test_only)
+    tag = f"{kind}-test" if test_only else kind  # a test-only cache is a file of its own
+    key = _fingerprint(tag, path / "test" if tag == "imagefolder-test" else path)
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{tag}-{key}.pt"
     cached = _load_cache(cache_file, key)
     if cached is not None:
         return cached
-    if kind == "imagefolder":
-        train, classes = _read_imagefolder_split(path / "train", None, progress)
-        test, _ = _read_imagefolder_split(path / "test", classes, progress)
-    elif kind == "official":
-        train, test, classes = _read_official_dir(path)
+    train, test, classes = _read_source(kind, path, test_only, progress)
+    if train is None:  # test_only: no training images, no statistics of them
+        train, (mean, std) = Split(test.images[:0], test.labels[:0]), ((), ())
     else:
-        train, test, classes = _read_official_tar(path)
-    mean, std = channel_stats(train.images)
+        mean, std = channel_stats(train.images)
     data = ImageData(train, test, classes, mean, std, source=f"{kind}:{path}")
     _save_cache(cache_file, key, data)
     return data
+
+
+def _read_source(kind: str, path: Path, test_only: bool, progress: bool) -> tuple[Split | None, Split, list[str]]:
+    """(train, test, classes) decoded from a detected source; train is None with ``test_only``."""
+    if kind == "imagefolder":
+        train, classes = (None, None) if test_only else _read_imagefolder_split(path / "train", None, progress)
+        test, classes = _read_imagefolder_split(path / "test", classes, progress)
+        return train, test, classes
+    if kind == "official":
+        return _read_official_dir(path, test_only)
+    return _read_official_tar(path, test_only)

@@ -21,7 +21,7 @@ def environment(device: torch.device) -> list[str]:
     import torchvision
 
     from . import __version__
-    from .optim import ns_dtype_for
+    from .optim import graph_fallback, ns_dtype_for
     from .runtime import pick_precision
 
     lines = [f"python: {platform.python_version()} ({platform.machine()})", f"torch: {torch.__version__}",
@@ -36,8 +36,11 @@ def environment(device: torch.device) -> list[str]:
         lines.append(f"device: {device} ({platform.processor() or platform.machine()}, "
                      f"{torch.get_num_threads()} threads)")
     precision = pick_precision(device, "auto")
-    lines.append(f"precision (auto): {precision.name}, because {precision.reason}; Muon's Newton-Schulz in "
-                 f"{'bf16' if ns_dtype_for(precision) is torch.bfloat16 else 'fp32'}")
+    lines.append(f"precision (auto): {precision.name}, because {precision.reason}; the fast recipe's Muon "
+                 f"orthogonalizes in {'bf16' if ns_dtype_for(precision) is torch.bfloat16 else 'fp32'}")
+    if device.type == "cuda":
+        why = graph_fallback(precision, distributed=False, compiled=False)
+        lines.append("training step: " + (f"eager, because {why}" if why else "one CUDA graph per step (--no-cuda-graph: eager)"))
     return lines
 
 

@@ -144,13 +144,10 @@ def train_one_epoch(
             raise Interrupted
         for x, y in loader.iter_from(state.batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = model(x)
-                loss = criterion(logits, y)
-            stepper.step(loss)
+            loss, logits = stepper.train_step(model, x, y, criterion, precision)
             n = y.shape[0]
-            loss_sum += loss.detach().to(dtype_sum) * n
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss_sum += loss.to(dtype_sum) * n
+            correct += (logits.argmax(1) == y).sum()
             state.batches += 1
             state.samples += n
             bar.update(1)

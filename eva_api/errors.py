@@ -13,7 +13,7 @@ class ConfigError(EvaError):
 
 
 class DataError(EvaError):
-    """A missing data path, a malformed folder, an unreadable image, an unreachable download."""
+    """A missing data path, a malformed folder, an unreadable or too large image, an unreachable download."""
 
 
 class CheckpointError(EvaError):

@@ -66,12 +66,14 @@ def grad_cam(
 
 
 def plot_gradcam_pairs(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
-                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80):
+                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80,
+                       title: str | None = None):
     """For each image: Grad-CAM for the predicted class and for the true class, side by side.
 
     ``preds``: the predictions to explain and print (pass the gallery's, e.g. from the bf16 evaluation, so
-    both figures name the same class); by default this fp32 forward pass's own."""
-    from .plots import image_grid
+    both figures name the same class); by default this fp32 forward pass's own. ``title`` (e.g. "SYNTHETIC
+    data") goes in front of the heading."""
+    from .plots import image_grid, titled
 
     device = next(model.parameters()).device
     x = normalize(images_uint8, mean, std).to(device)
@@ -84,28 +86,32 @@ def plot_gradcam_pairs(model: nn.Module, images_uint8: torch.Tensor, labels: tor
     for y, p in zip(labels.tolist(), preds.tolist()):
         titles += [f"looks at: {classes[p]}\n(predicted)", f"looks at: {classes[y]}\n(actual)"]
     return image_grid(pics, titles, ncols=6, overlays=cams, save=save, dpi=dpi,
-                      suptitle="Grad-CAM: predicted class vs actual class")
+                      suptitle=titled(title, "Grad-CAM: predicted class vs actual class"))
 
 
 def plot_gradcam_class(model: nn.Module, images_uint8: torch.Tensor, class_index: int, classes: Sequence[str],
-                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80):
-    """Grad-CAM for one chosen class on the given images, titled with ``preds`` (default: this pass's own)."""
-    from .plots import image_grid
+                       mean, std, preds: torch.Tensor | None = None, save=None, dpi: int = 80,
+                       title: str | None = None):
+    """Grad-CAM for one chosen class on the given images, titled with ``preds`` (default: this pass's own);
+    ``title`` (e.g. "SYNTHETIC data") goes in front of the heading."""
+    from .plots import image_grid, titled
 
     device = next(model.parameters()).device
     cams, logits = grad_cam(model, normalize(images_uint8, mean, std).to(device), class_index)
     preds = (logits.argmax(1) if preds is None else preds).cpu().tolist()
     titles = [f"predicted: {classes[p]}" for p in preds]
     return image_grid(images_uint8, titles, ncols=min(8, len(images_uint8)), overlays=cams.cpu(), save=save, dpi=dpi,
-                      suptitle=f"Grad-CAM for class '{classes[class_index]}'")
+                      suptitle=titled(title, f"Grad-CAM for class '{classes[class_index]}'"))
 
 
 def interpret_predictions(model: nn.Module, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-              out: str | Path, n: int = 16) -> dict:
+              out: str | Path, n: int = 16, title: str | None = None) -> dict:
     """Figures and a report for a model's test predictions, written to ``out``; returns the report dict.
 
     ``images`` uint8 test images, ``logits``/``labels`` their evaluation outputs (the Grad-CAM titles use
     these predictions); ``model`` carries ``classes``, ``mean`` and ``std`` as :func:`load_model` sets them.
+    ``n``: images per figure (misclassified pairs, each class's Grad-CAM, top losses). ``title`` (e.g.
+    "SYNTHETIC data") heads every figure and report.txt.
     Writes confusion_matrix.png, gradcam_misclassified.png, gradcam_class_<name>.png, top_losses.png,
     report.txt and report.json."""
     import matplotlib.pyplot as plt
@@ -116,25 +122,26 @@ def interpret_predictions(model: nn.Module, images: torch.Tensor, logits: torch.
     out.mkdir(parents=True, exist_ok=True)
     classes, preds = model.classes, logits.argmax(1)
     cm = metrics.confusion_matrix(labels, preds, len(classes))
-    figs = [plots.plot_confusion_matrix(cm, classes, save=out / "confusion_matrix.png")]
+    figs = [plots.plot_confusion_matrix(cm, classes, save=out / "confusion_matrix.png", title=title)]
     wrong = metrics.misclassified(images, labels, preds, n=n)
     if len(wrong):
         figs.append(plot_gradcam_pairs(model, images[wrong], labels[wrong], classes, model.mean, model.std,
-                                       preds=preds[wrong], save=out / "gradcam_misclassified.png"))
+                                       preds=preds[wrong], save=out / "gradcam_misclassified.png", title=title))
     for c in range(len(classes)):
-        idx = (labels == c).nonzero().flatten()[:8]
+        idx = (labels == c).nonzero().flatten()[:n]
         if len(idx):
             figs.append(plot_gradcam_class(model, images[idx], c, classes, model.mean, model.std, preds=preds[idx],
-                                           save=out / f"gradcam_class_{classes[c]}.png"))
+                                           save=out / f"gradcam_class_{classes[c]}.png", title=title))
     tops = metrics.top_losses(logits, labels, classes, k=n)
     figs.append(plots.image_grid(images[[t.index for t in tops]],
                                  [f"{t.actual} -> {t.predicted}\nloss {t.loss:.2f} p {t.probability:.2f}" for t in tops],
-                                 ncols=4, save=out / "top_losses.png", suptitle="Top losses (actual -> predicted)"))
+                                 ncols=4, save=out / "top_losses.png",
+                                 suptitle=plots.titled(title, "Top losses (actual -> predicted)")))
     for f in figs:
         plt.close(f)
     report = metrics.classification_report(cm, classes)
     summary = {"report": report, "accuracy": 100.0 * float((preds == labels).float().mean()),
                "most_confused": metrics.most_confused(cm, classes)[:10], "top_losses": [vars(t) for t in tops]}
-    (out / "report.txt").write_text(metrics.format_report(report) + "\n")
+    (out / "report.txt").write_text(metrics.format_report(report, title) + "\n")
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -15,6 +15,7 @@ The test split is never augmented: evaluation loaders are built with ``train=Fal
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -45,6 +46,7 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 SHUFFLE, AUGMENT = 0, 1  # the random streams of an epoch
+S8_ROTATION, S8_JITTER = 5.0, 0.1  # the course's augmentation: +-5 degrees, brightness/contrast/saturation 0.9-1.1
 
 
 def epoch_generator(seed: int, epoch: int, stream: int, rank: int = 0) -> torch.Generator:
@@ -100,6 +102,39 @@ def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> to
     return x.masked_fill(inside[:, None], 0.0)
 
 
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of a batch about its centre by its own angle, nearest pixel, corners filled with 0
+    (black before normalization), as torchvision's ``RandomRotation`` does per image."""
+    theta = degrees.to(x.dtype) * (math.pi / 180)
+    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+    h, w = x.shape[-2:]  # the grid's coordinates are relative to each side: undo that for non-square images
+    matrix = torch.stack([cos, -sin * h / w, zero, sin * w / h, cos, zero], 1).view(-1, 2, 3)
+    grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R 601, as torchvision
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` (brightness, contrast, saturation; no hue) on a batch in pixel units
+    [0, 255]: image i gets factors ``factors[i]`` (one per adjustment), applied in the order ``order[i]``
+    (a permutation of 0, 1, 2), each result clamped to [0, 255] as torchvision does."""
+    def adjust(op: int, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        f = f.view(-1, 1, 1, 1)
+        if op == 0:  # brightness: blend with black
+            return (img * f).clamp(0, 255)
+        if op == 1:  # contrast: blend with the image's mean grey
+            return (f * img + (1 - f) * _gray(img).mean((1, 2, 3), keepdim=True)).clamp(0, 255)
+        return (f * img + (1 - f) * _gray(img)).clamp(0, 255)  # saturation: blend with its own grey
+
+    for position in range(3):
+        for op in range(3):
+            x = torch.where((order[:, position] == op).view(-1, 1, 1, 1), adjust(op, x, factors[:, op]), x)
+    return x
+
+
 class TensorLoader:
     """Whole-split uint8 tensor on ``device``, shuffled and augmented per batch on that device."""
 
@@ -115,6 +150,8 @@ class TensorLoader:
         crop_padding: int = 4,
         flip: bool = True,
         cutout_size: int = 0,
+        rotate: float = 0.0,
+        jitter: float = 0.0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -129,6 +166,8 @@ class TensorLoader:
         self.crop_padding = crop_padding if train else 0
         self.flip = flip and train
         self.cutout_size = cutout_size if train else 0
+        self.rotate = rotate if train else 0.0
+        self.jitter = jitter if train else 0.0
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
@@ -163,6 +202,10 @@ class TensorLoader:
                  "flip": (torch.rand(m, generator=g) < 0.5) & self.flip,
                  "cy": torch.randint(0, h, (m,), generator=g),
                  "cx": torch.randint(0, w, (m,), generator=g)}
+        if self.rotate or self.jitter:  # drawn after the others, so crop_flip's draws stay what they were
+            draws["angle"] = (torch.rand(m, generator=g) * 2 - 1) * self.rotate
+            draws["factors"] = 1 + (torch.rand(m, 3, generator=g) * 2 - 1) * self.jitter
+            draws["order"] = torch.rand(m, 3, generator=g).argsort(1)
         if self.device.type == "cuda":  # from pinned memory the copy is truly asynchronous
             draws = {k: v.pin_memory() for k, v in draws.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in draws.items()}
@@ -176,14 +219,26 @@ class TensorLoader:
         for b in range(start_batch, -(-m // self.batch_size)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             sel = idx[sl]
-            x = self.normalize(self.images[sel])
-            if self.train:
-                x = crop_flip(x, draws["dy"][sl], draws["dx"][sl], draws["flip"][sl], self.crop_padding)
-                if self.cutout_size:
-                    x = cutout(x, draws["cy"][sl], draws["cx"][sl], self.cutout_size)
+            if self.rotate or self.jitter:  # rotation fills black, the colour blends clamp: in pixel units
+                x = self.normalize(self._pixel_augment(self.images[sel].float(), {k: v[sl] for k, v in draws.items()}))
+            else:
+                x = self.normalize(self.images[sel])
+                if self.train:
+                    x = crop_flip(x, draws["dy"][sl], draws["dx"][sl], draws["flip"][sl], self.crop_padding)
+            if self.train and self.cutout_size:
+                x = cutout(x, draws["cy"][sl], draws["cx"][sl], self.cutout_size)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[sel]
+
+    def _pixel_augment(self, x: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Crop and flip, then the course's rotation and colour jitter (its ``Compose`` order)."""
+        x = crop_flip(x, d["dy"], d["dx"], d["flip"], self.crop_padding)
+        if self.rotate:
+            x = rotate(x, d["angle"])
+        if self.jitter:
+            x = color_jitter(x, d["factors"], d["order"])
+        return x
 
 
 def eval_loader(split: Split, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
@@ -224,7 +279,7 @@ def classic_transforms(augment: str = "crop_flip", crop_padding: int = 4):
     if augment == "crop_flip":
         head = [T.RandomCrop(32, padding=crop_padding, padding_mode="reflect"), T.RandomHorizontalFlip()]
     elif augment == "s8":
-        head = [T.RandomHorizontalFlip(), T.RandomRotation(5), T.ColorJitter(0.1, 0.1, 0.1)]
+        head = [T.RandomHorizontalFlip(), T.RandomRotation(S8_ROTATION), T.ColorJitter(S8_JITTER, S8_JITTER, S8_JITTER)]
     elif augment == "none":
         head = []
     else:

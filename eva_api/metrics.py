@@ -39,8 +39,9 @@ def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str]) -> list[tuple[s
     return rows
 
 
-def format_per_class(rows) -> str:
-    lines = [f"{'class':<12}{'correct':>8}{'total':>8}{'acc %':>8}"]
+def format_per_class(rows, title: str | None = None) -> str:
+    """:func:`per_class_accuracy` rows as a text table, under ``title`` (e.g. "SYNTHETIC data") when given."""
+    lines = ([title] if title else []) + [f"{'class':<12}{'correct':>8}{'total':>8}{'acc %':>8}"]
     lines += [f"{name:<12}{c:>8}{t:>8}{a:>8.2f}" for name, c, t, a in rows]
     return "\n".join(lines)
 
@@ -90,8 +91,9 @@ def classification_report(cm: torch.Tensor, classes: Sequence[str]) -> dict[str,
     return report
 
 
-def format_report(report: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+def format_report(report: dict[str, dict[str, float]], title: str | None = None) -> str:
+    """:func:`classification_report` as a text table, under ``title`` (e.g. "SYNTHETIC data") when given."""
+    lines = ([title] if title else []) + [f"{'':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for name, r in report.items():
         if name == "accuracy":
             lines.append(f"{'accuracy':<12}{'':>20}{r['value']:>10.4f}")

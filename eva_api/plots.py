@@ -28,9 +28,22 @@ def _finish(fig, save: str | os.PathLike | None, dpi: int):
     return fig
 
 
-def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, title: str | None = None):
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Whole-epoch ticks, half an epoch of margin each side (a lone epoch would otherwise get 0.96..1.04)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if epochs:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # the default 2 falls back to 0.1 steps
+
+
+def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, title: str | None = None,
+                 peak_lr: float | None = None):
     """Loss and accuracy (train vs test, flip TTA where recorded) and the LR, per epoch. Every series has
-    markers, so a one-epoch run shows its points (and a legend that matches them)."""
+    markers, so a one-epoch run shows its points (and a legend that matches them).
+
+    The History holds the LR at each epoch's end, so a one-cycle peak reached mid-epoch never shows among
+    those points: ``peak_lr`` (e.g. ``config.effective_lr()``) draws it as a dashed line."""
     plt = _pyplot()
     records = history.records if hasattr(history, "records") else list(history)
     epochs = [r["epoch"] for r in records]
@@ -43,14 +56,17 @@ def plot_history(history, save: str | os.PathLike | None = None, dpi: int = 80, 
     if all("test_acc_tta" in r for r in records):
         axes[1].plot(epochs, [r["test_acc_tta"] for r in records], "s--", ms=4, label="test (flip TTA)")
     axes[1].set(title="Accuracy (%)", xlabel="epoch")
-    axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="tab:green")
-    axes[2].set(title="Learning rate (end of epoch)", xlabel="epoch")
-    for ax in axes[:2]:
+    axes[2].plot(epochs, [r["lr"] for r in records], "o-", color="tab:green", label="LR at epoch end")
+    if peak_lr is not None:
+        axes[2].axhline(peak_lr, color="tab:green", ls="--", alpha=0.6, label=f"peak LR {peak_lr:g} (schedule)")
+    axes[2].set(title="Learning rate", xlabel="epoch")
+    top = max([r["lr"] for r in records] + [peak_lr or 0.0])
+    if top > 0:  # from 0 (a lone point would otherwise sit in a range like 0.071..0.079), the peak line inside
+        axes[2].set_ylim(-0.04 * top, 1.1 * top)
+    for ax in axes:
         ax.legend()
-    for ax in axes:
         ax.grid(alpha=0.3)
-    for ax in axes:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _epoch_axis(ax, epochs)
     fig.tight_layout()
     if title:
         fig.suptitle(title, y=1.04)
@@ -96,29 +112,47 @@ def image_grid(images, titles: Sequence[str], ncols: int = 5, mean=None, std=Non
     return _finish(fig, save, dpi)
 
 
-def plot_samples(images, labels, classes: Sequence[str], n: int = 20, ncols: int = 10, save=None, dpi: int = 80):
+def plot_samples(images, labels, classes: Sequence[str], n: int = 20, ncols: int = 10, save=None, dpi: int = 80,
+                 title: str | None = None):
     """``n`` images with their class names, taken from every class in turn (folders are sorted by class,
     so the first ``n`` images would all be airplanes)."""
     labels = torch.as_tensor(labels).cpu()
     per_class = [(labels == c).nonzero().flatten().tolist() for c in range(len(classes))]
     idx = [i for row in zip(*per_class) for i in row][:n] if all(per_class) else list(range(min(n, len(labels))))
     titles = [classes[int(labels[i])] for i in idx]
-    return image_grid(images[idx], titles, ncols=ncols, save=save, dpi=dpi)
+    return image_grid(images[idx], titles, ncols=ncols, save=save, dpi=dpi, suptitle=title)
+
+
+def titled(label: str | None, text: str) -> str:
+    """``text`` with ``label`` (e.g. "SYNTHETIC data") in front, so a figure says what data it was made from."""
+    return f"{label} - {text}" if label else text
 
 
 def plot_misclassified(images, labels, preds, classes: Sequence[str], n: int = 25, only_class: int | str | None = None,
-                       ncols: int = 5, mean=None, std=None, save=None, dpi: int = 80):
-    """The misclassified gallery: un-normalized images titled ``Actual: cat / Predicted: dog``."""
+                       ncols: int = 5, mean=None, std=None, save=None, dpi: int = 80, title: str | None = None):
+    """The misclassified gallery: un-normalized images titled ``Actual: cat / Predicted: dog``. ``title``
+    (e.g. "SYNTHETIC data") goes in front of the heading."""
     if isinstance(only_class, str):
         only_class = list(classes).index(only_class)
     idx = misclassified(images, labels, preds, only_class, n)
     titles = [f"Actual: {classes[int(labels[i])]}\nPredicted: {classes[int(preds[i])]}" for i in idx]
     return image_grid(images[idx], titles, ncols=ncols, mean=mean, std=std, save=save, dpi=dpi,
-                      suptitle=f"{len(idx)} misclassified images")
+                      suptitle=titled(title, f"{len(idx)} misclassified images"))
 
 
-def plot_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], normalize: bool = True, save=None, dpi: int = 80):
-    """Heat map of the confusion matrix (rows: actual, columns: predicted), with per-cell numbers."""
+def _cell_text(count: float, shown: float, normalize: bool) -> str:
+    """A confusion cell's number: blank when empty, "<.01" for a share that would round to a false 0.00."""
+    if count == 0:
+        return ""
+    if not normalize:
+        return f"{int(count)}"
+    return "<.01" if shown < 0.005 else f"{shown:.2f}"
+
+
+def plot_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], normalize: bool = True, save=None, dpi: int = 80,
+                          title: str | None = None):
+    """Heat map of the confusion matrix (rows: actual, columns: predicted), with per-cell numbers (empty
+    cells blank). ``title`` (e.g. "SYNTHETIC data") goes in front of the heading."""
     plt = _pyplot()
     cm = torch.as_tensor(cm).float()
     shown = cm / cm.sum(1, keepdim=True).clamp_min(1) if normalize else cm
@@ -127,12 +161,12 @@ def plot_confusion_matrix(cm: torch.Tensor, classes: Sequence[str], normalize: b
     im = ax.imshow(shown.numpy(), cmap="Blues")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set(xticks=range(k), yticks=range(k), xlabel="Predicted", ylabel="Actual",
-           title="Confusion matrix" + (" (row-normalized)" if normalize else ""))
+           title=titled(title, "Confusion matrix" + (" (row-normalized)" if normalize else "")))
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     for i in range(k):
         for j in range(k):
             v = shown[i, j].item()
-            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, _cell_text(cm[i, j].item(), v, normalize), ha="center", va="center", fontsize=7,
                     color="white" if v > shown.max().item() / 2 else "black")
     return _finish(fig, save, dpi)

@@ -8,6 +8,7 @@ only rank 0 reads the data source first, writes files or prints.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from .data import ImageData, load_data
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, gather_objects, init_distributed
 from .engine import EpochState, History, evaluate, fit
 from .errors import CheckpointError, ConfigError
-from .loaders import ClassicLoader, TensorLoader, classic_transforms, eval_loader
+from .loaders import S8_JITTER, S8_ROTATION, ClassicLoader, TensorLoader, classic_transforms, eval_loader
 from .models import count_parameters, get_model, strip_prefixes, unwrap_model
-from .optim import Stepper, build_optimizer, build_scheduler
+from .optim import Stepper, build_optimizer, build_scheduler, graph_fallback
 from .runtime import (Precision, check_compile, configure_backends, derive_seed, pick_device, pick_precision,
                       rng_states, seed_everything, set_rng_states)
 from .summary import format_summary, run_summary
@@ -46,12 +47,10 @@ def build_loaders(data: ImageData, config: Config, dist: DistInfo, device: torch
         train = ClassicLoader(data.train, transform, per_rank, mean=data.mean, std=data.std, train=True,
                               num_workers=config.num_workers, **common)
     else:
-        if config.augment == "s8":
-            raise ConfigError("augment=s8 (rotation, colour jitter) needs --loader classic")
-        on = config.augment == "crop_flip"
+        on, s8 = config.augment == "crop_flip", config.augment == "s8"
         train = TensorLoader(data.train, data.mean, data.std, per_rank, train=True,
-                             crop_padding=config.crop_padding if on else 0, flip=on, cutout_size=config.cutout,
-                             **common)
+                             crop_padding=config.crop_padding if on else 0, flip=on or s8, cutout_size=config.cutout,
+                             rotate=S8_ROTATION if s8 else 0.0, jitter=S8_JITTER if s8 else 0.0, **common)
     test = eval_loader(data.test, data.mean, data.std, device, channels_last=config.channels_last, rank=dist.rank,
                        world_size=dist.world_size)
     return train, test
@@ -130,7 +129,10 @@ def prepare(config: Config, dist: DistInfo | None = None, data: ImageData | None
     optimizer = build_optimizer(model, config, precision)
     train_loader, test_loader = build_loaders(data, config, dist, device)
     scheduler = build_scheduler(optimizer, config, len(train_loader))
-    stepper = Stepper(optimizer, scheduler, precision.make_scaler())
+    blocker = graph_fallback(precision, dist.distributed, config.compile)
+    if config.cuda_graph and blocker and device.type == "cuda" and dist.is_main:
+        warnings.warn(f"no CUDA graph, the training step runs eagerly: {blocker}", stacklevel=2)
+    stepper = Stepper(optimizer, scheduler, precision.make_scaler(), cuda_graph=config.cuda_graph and not blocker)
     return Setup(config, dist, precision, data, model, stepper, train_loader, test_loader)
 
 
@@ -186,13 +188,15 @@ def final_report(model: nn.Module, data: ImageData, history: History, config: Co
     if out_dir is not None:
         history.to_json(out_dir / "history.json")
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out_dir / "per_class.txt").write_text(M.format_per_class(M.per_class_accuracy(cm, data.classes)) + "\n")
+        label = "SYNTHETIC data" if data.synthetic else None
+        (out_dir / "per_class.txt").write_text(M.format_per_class(M.per_class_accuracy(cm, data.classes), title=label) + "\n")
         (out_dir / "summary.md").write_text(format_summary(run_summary(config, metrics)) + "\n")
-        prefix = "SYNTHETIC data - " if data.synthetic else ""
-        figs = [plots.plot_history(history, save=out_dir / "curves.png", title=f"{prefix}{config.model}, recipe {config.recipe}"),
+        peak = config.effective_lr() if config.schedule == "onecycle" else None  # param group 0's LR peaks there
+        figs = [plots.plot_history(history, save=out_dir / "curves.png", peak_lr=peak,
+                                   title=plots.titled(label, f"{config.model}, recipe {config.recipe}")),
                 plots.plot_misclassified(data.test.images, labels, preds, data.classes, n=config.gallery,
-                                         save=out_dir / "misclassified.png"),
-                plots.plot_confusion_matrix(cm, data.classes, save=out_dir / "confusion_matrix.png")]
+                                         save=out_dir / "misclassified.png", title=label),
+                plots.plot_confusion_matrix(cm, data.classes, save=out_dir / "confusion_matrix.png", title=label)]
         import matplotlib.pyplot as plt
 
         for f in figs:

@@ -92,10 +92,11 @@ class Precision:
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
+        """Autocast to ``dtype`` (a no-op for fp32); ``cache_enabled=False`` while a CUDA graph is captured."""
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=cache_enabled)
 
     def make_scaler(self) -> torch.amp.GradScaler | None:
         """fp16 needs loss scaling (its range is too narrow for small gradients); bf16 and fp32 do not."""

@@ -53,10 +53,13 @@ def run_summary(config: Config, metrics: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def format_summary(table: dict[str, str]) -> str:
-    """The table as Markdown (renders in Jupyter and on GitHub, reads as plain text too)."""
-    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in table.items()]
-    return "\n".join(lines)
+def format_summary(table: dict[str, str], header: tuple[str, str] = ("item", "value")) -> str:
+    """The table as Markdown under a ``header`` row (renders in Jupyter and on GitHub, reads as plain text too)."""
+    def cell(text: object) -> str:
+        return str(text).replace("|", "\\|")  # a bare | would split the cell
+
+    rows = [header, ("---", "---"), *table.items()]
+    return "\n".join(f"| {cell(k)} | {cell(v)} |" for k, v in rows)
 
 
 __all__ = ["describe_recipe", "format_summary", "run_summary"]

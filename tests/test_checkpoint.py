@@ -1,8 +1,9 @@
-"""Checkpoint writes that fail part-way (full disk, a folder that cannot be synced) and run locks on file
-systems without locks: one line, and the previous checkpoint stays loadable."""
+"""Checkpoint writes that fail part-way (full disk, a folder that cannot be synced), run locks on file systems
+without locks, and files that are no checkpoint at all: one line, and the previous checkpoint stays loadable."""
 import errno
 import os
 import pickle
+import random
 import stat
 
 import pytest
@@ -112,3 +113,29 @@ def test_a_look_at_the_config_maps_the_file_or_falls_back_to_a_plain_read(tmp_pa
     calls.clear()
     load_checkpoint(path)
     assert calls == [False]  # a full load (resume, load_model) reads the file as before
+
+
+class _Custom:  # a class torch's weights_only loader does not know: loading it would need arbitrary unpickling
+    pass
+
+
+@pytest.mark.parametrize("content", ["readme", "random", "plain pickle"])
+def test_a_file_that_is_no_checkpoint_says_so_and_does_not_point_at_the_unsafe_flag(tmp_path, content):
+    # these were "refused: loading it needs arbitrary unpickling ... pass --trust-checkpoint", yet trusting them
+    # cannot help (torch.load fails on them anyway) and a plain pickle would run its code first
+    from conftest import REPO
+
+    path = tmp_path / "file.pt"
+    path.write_bytes({"readme": (REPO / "README.md").read_bytes(), "random": random.Random(0).randbytes(4096),
+                      "plain pickle": pickle.dumps(_Custom())}[content])
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{path}: not a checkpoint (not a file written by torch.save)"
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_real_checkpoint_that_needs_code_is_still_refused_with_the_trust_hint(tmp_path, zip_format):
+    path = tmp_path / "c.pt"
+    torch.save({"model": {}, "config": {}, "extra": _Custom()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match="refused: loading it needs arbitrary unpickling.*--trust-checkpoint"):
+        load_checkpoint(path)

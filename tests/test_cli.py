@@ -122,6 +122,12 @@ def _bad_imagefolder(tmp_path):
     (["evaluate", "--checkpoint", "{tmp}/trunc.pt", "--dataset", "synthetic"], "truncated or corrupt"),
     (["evaluate", "--checkpoint", "{tmp}/empty.pt", "--dataset", "synthetic"], "empty file"),
     (["evaluate", "--checkpoint", "{tmp}/evil.pt", "--dataset", "synthetic"], "refused: loading it needs arbitrary"),
+    (["evaluate", "--checkpoint", "{readme}", "--dataset", "synthetic"],
+     "README.md: not a checkpoint (not a file written by torch.save)"),  # was "refused ... pass --trust-checkpoint"
+    (["evaluate", "--checkpoint", "{ckpt}", "--data", "{tmp}/no/such", "--no-download"],
+     "no/such: no such folder and download is off"),
+    (["evaluate", "--checkpoint", "{ckpt}", "--data", "{split}"], "if it is one split, point --data at its parent"),
+    (["train", "--epoch", "3"], "unknown option --epoch (did you mean --epochs?)"),
     (["predict", "--checkpoint", "{tmp}/evil.pt", "{tmp}/nope.png"], "Nothing in it was run"),
     (["evaluate", "--checkpoint", "{tmp}/other.pt", "--dataset", "synthetic"], "weights do not fit resnet18"),
     (["predict", "--checkpoint", "{ckpt}", "{tmp}/nope.png"], "no such image"),
@@ -141,9 +147,11 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_di
     other = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # the tiny model's weights, labelled resnet18
     other["config"]["model"] = "resnet18"
     torch.save(other, tmp_path / "other.pt")
-    fill = {"{tmp}": str(tmp_path), "{ckpt}": str(run_dir / "checkpoint.pt")}
+    fill = {"{tmp}": str(tmp_path), "{ckpt}": str(run_dir / "checkpoint.pt"), "{readme}": str(REPO / "README.md")}
     if "{bad}" in args:
         fill["{bad}"] = str(_bad_imagefolder(tmp_path))
+    if "{split}" in args:
+        fill["{split}"] = str(write_imagefolder(tmp_path / "ds") / "test")
     args = [a.format(**{k.strip("{}"): v for k, v in fill.items()}) if "{" in a else a for a in args]
     proc = cli(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -151,6 +159,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, match, tmp_path, run_di
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and match in errors[0]
     assert not (tmp_path / "pwned").exists()  # the malicious file's code never ran
+    assert not (tmp_path / "no").exists()  # a mistyped --data creates nothing
 
 
 class _Payload:
@@ -197,3 +206,97 @@ def test_doctor_passes_here():
 def test_unknown_subcommand_flag_exits_2():
     proc = cli("summary", "--bogus")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_predict_reports_each_bad_file_on_its_own_line_and_predicts_the_rest(run_dir, tmp_path, monkeypatch, capsys):
+    # one unreadable file used to abort the batch, a too large one ended in a traceback, a folder was no argument
+    from PIL import Image
+
+    from eva_api import cli as cli_module
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg", "c.png"):
+        Image.new("RGB", (40, 30), (20, 200, 30)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image either: skipped")
+    Image.new("RGB", (64, 64)).save(folder / "huge.png")
+    Image.new("RGB", (50, 50)).save(tmp_path / "big.png")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 64x64: past twice the limit (Pillow's error); 50x50: past it
+    code = cli_module.main(["predict", "--checkpoint", str(run_dir), str(folder), str(tmp_path / "nope.png"),
+                            str(tmp_path / "big.png"), str(tmp_path / "empty"), str(folder / "a.png")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    predicted = [line.split(": ")[0] for line in out.splitlines()]
+    assert predicted == [str(folder / n) for n in ("a.png", "b.jpg", "c.png", "a.png")], out
+    assert all(line.count(",") == 2 for line in out.splitlines())
+    errors = err.splitlines()
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors), err
+    too_large = "image too large to decode safely"
+    for path, what in ((folder / "broken.png", "unreadable image"), (folder / "huge.png", too_large),
+                       (tmp_path / "nope.png", "no such image file"), (tmp_path / "big.png", too_large),
+                       (tmp_path / "empty", "folder holds no images")):
+        assert any(line.startswith(f"error: {path}: {what}") for line in errors), (path, errors)
+
+
+def test_evaluate_and_interpret_read_only_the_test_split(run_dir, tmp_path, capsys):
+    # they decoded the whole training split (154 MB of cache for CIFAR-10) and needed it to exist
+    import shutil
+
+    from eva_api import CIFAR10_CLASSES, cli as cli_module
+    from conftest import write_official
+
+    folder = write_imagefolder(tmp_path / "folder", n_per_class=2, classes=CIFAR10_CLASSES)
+    shutil.rmtree(folder / "train")
+    official = write_official(tmp_path / "official")
+    for p in (official / "cifar-10-batches-py").glob("data_batch_*"):
+        p.unlink()
+    ckpt = str(run_dir / "checkpoint.pt")
+    for root in (folder, official):
+        assert cli_module.main(["evaluate", "--checkpoint", ckpt, "--data", str(root), "--no-download"]) == 0
+        assert "Test set: Average loss:" in capsys.readouterr().out
+    assert cli_module.main(["interpret", "--checkpoint", ckpt, "--data", str(official), "--no-download",
+                            "--out", str(tmp_path / "i"), "--n", "2"]) == 0
+    assert "accuracy" in capsys.readouterr().out and (tmp_path / "i" / "report.txt").is_file()
+
+
+def test_checkpoint_accepts_a_run_folder(run_dir, capsys):
+    from eva_api import cli as cli_module
+
+    assert cli_module.main(["evaluate", "--checkpoint", str(run_dir), "--dataset", "synthetic", "--tta", "none"]) == 0
+    assert "Test set: Average loss:" in capsys.readouterr().out
+
+
+def test_train_help_shows_each_fields_type_default_and_no_form(capsys):
+    import re
+
+    from eva_api import cli as cli_module
+
+    with pytest.raises(SystemExit) as e:
+        cli_module.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for line in (r"--epochs INT +default 4 \(s8 22, fast 3\)", r"--tta, --no-tta +default true",
+                 r"--precision \{auto,bf16,fp16,fp32\} +default auto", r"--milestones INT,INT,\.\.\. +default 14,18",
+                 r"--lr FLOAT +default 0\.1 \(s8 0\.01\)", r"--download, --no-download +default true"):
+        assert re.search(line, out), line
+
+
+def test_resuming_a_finished_run_has_nothing_to_do(run_dir, tmp_path, monkeypatch, capsys):
+    # it used to load the data, evaluate again and rewrite every result file (with --data elsewhere: other data's)
+    import shutil
+
+    from eva_api import cli as cli_module, runner
+
+    called = []
+    monkeypatch.setattr(runner, "train", lambda config, out, **kw: called.append(out) or pytest.fail("trained"))
+    expected = (f"nothing to do: {run_dir / 'checkpoint.pt'} has finished its 1/1 epochs; results in {run_dir}/ "
+                f"(to train longer, start a new run with another --out)\n")
+    for args in (["--out", run_dir, "--resume"], ["--resume", run_dir], ["--resume", run_dir, "--data", "elsewhere"]):
+        assert cli_module.main(["train", *map(str, args)]) == 0
+        assert capsys.readouterr().out == expected
+    cut = tmp_path / "cut"  # stopped after its last checkpoint, before its results were written: train writes them
+    shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns("metrics.json", ".lock"))
+    monkeypatch.setattr(runner, "train", lambda config, out, **kw: called.append(out) or type("R", (), {"metrics": {}}))
+    assert cli_module.main(["train", "--resume", str(cut)]) == 0 and called == [cut]

@@ -20,7 +20,7 @@ def test_cli_overrides_are_typed():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--epoch", "3"], "valid keys: .*epochs"),
+    (["--epoch", "3"], r"unknown option --epoch \(did you mean --epochs\?\); valid options: --recipe, .*--batch-size"),
     (["--epochs", "three"], "expected int"),
     (["--lr", "fast"], "expected float"),
     (["--tta", "maybe"], "expected bool"),
@@ -53,3 +53,16 @@ def test_linear_lr_scaling_is_explicit():
     c = make_config("fast", lr=0.1, batch_size=512, base_batch_size=128, lr_scaling="linear")
     assert c.effective_lr() == pytest.approx(0.4)
     assert make_config("fast", lr=0.1, batch_size=512).effective_lr() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("typed,meant", [("--epoch", "--epochs"), ("--batchsize", "--batch-size"),
+                                         ("--label_smooth", "--label-smoothing"), ("--no-ttaa", "--no-tta")])
+def test_an_unknown_option_suggests_the_closest_one_dashed(typed, meant):
+    with pytest.raises(ConfigError, match=rf"unknown option {typed.replace('_', '-')} \(did you mean {meant}\?\)"):
+        parse_overrides([typed, "1"])
+
+
+def test_no_suggestion_when_nothing_is_close():
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["--ema", "0.99"])  # a retired switch: not "did you mean --gamma"
+    assert str(e.value).startswith("unknown option --ema; valid options: --recipe, --dataset")

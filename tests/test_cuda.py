@@ -38,9 +38,11 @@ def test_an_epoch_in_fp16_and_bf16(dtype):
     assert (stepper.scaler is not None) == (dtype is torch.float16)
 
 
-def test_the_training_loop_makes_no_hidden_host_device_sync():
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_training_loop_makes_no_hidden_host_device_sync(cuda_graph):
     """bf16 (the fp16 GradScaler's overflow check reads the GPU by design). With the loss read only at the
-    epoch's end, every batch must run before the first sync, which the debug mode turns into an error."""
+    epoch's end, every batch must run before the first sync, which the debug mode turns into an error.
+    With ``cuda_graph`` the first epoch warms up and captures; the second replays."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 path")
     data = make_synthetic(24 * 16, 32)
@@ -48,7 +50,7 @@ def test_the_training_loop_makes_no_hidden_host_device_sync():
     model = get_model("resnet18").cuda().to(memory_format=torch.channels_last)
     precision = Precision("cuda", torch.bfloat16)
     optimizer = build_optimizer(model, make_config("fast"), precision)
-    stepper = Stepper(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    stepper = Stepper(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), cuda_graph=cuda_graph)
     loader = TensorLoader(data.train, data.mean, data.std, 16, train=True, device="cuda", channels_last=True,
                           crop_padding=2, cutout_size=8)
     kw = dict(criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.1), precision=precision, progress=False,
@@ -65,6 +67,7 @@ def test_the_training_loop_makes_no_hidden_host_device_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert state.batches == len(loader) == 24  # the one sync is the end-of-epoch read of the sums
+    assert len(stepper._static) == cuda_graph  # the captured step served the second epoch
 
 
 def test_tensor_loader_batches_need_no_sync():
@@ -82,16 +85,18 @@ def test_tensor_loader_batches_need_no_sync():
     assert len(rest) == 3
 
 
-def test_exact_resume_on_cuda(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_exact_resume_on_cuda(tmp_path, monkeypatch, cuda_graph):
     torch.backends.cudnn.deterministic = True  # cuDNN's autotuned kernels may differ from run to run
+    config = make_config("fast", epochs=2, precision="fp32", cuda_graph=cuda_graph, **TINY)
     try:
-        whole = train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "whole")
+        whole = train(config, tmp_path / "whole")
         signal_at(monkeypatch, 2, 1)
         with pytest.raises(Interrupted):
-            train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "cut")
+            train(config, tmp_path / "cut")
         monkeypatch.undo()
         assert "cuda" in load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["rng"][0]
-        resumed = train(make_config("fast", epochs=2, precision="fp32", **TINY), tmp_path / "cut", resume=True)
+        resumed = train(config, tmp_path / "cut", resume=True)
     finally:
         torch.backends.cudnn.deterministic = False
     assert strip(resumed.history) == strip(whole.history)
@@ -132,3 +137,27 @@ def test_a_gpu_runs_checkpoint_holds_only_cpu_tensors(tmp_path):
 
     walk(ckpt)
     assert devices == {"cpu"}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_captured_run_matches_the_eager_run(tmp_path, precision):
+    """The same steps replayed from a CUDA graph give the same History (within one test image and cuDNN's
+    run-to-run rounding), the last partial batch (128 = 4 x 30 + 8) run eagerly in between."""
+    if precision == "bf16" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bf16 is only emulated below compute capability 8.0")
+    kw = dict(TINY, batch_size=30, epochs=2, precision=precision)
+    torch.backends.cudnn.deterministic = True
+    try:
+        runs = [train(make_config("fast", cuda_graph=graph, **kw), tmp_path / str(graph)) for graph in (False, True)]
+    finally:
+        torch.backends.cudnn.deterministic = False
+    for eager, captured in zip(*(strip(r.history) for r in runs)):
+        assert eager.keys() == captured.keys()
+        for key in eager:
+            assert captured[key] == pytest.approx(eager[key], rel=1e-2, abs=1.6 if "acc" in key else 1e-3), key
+
+
+def test_fp16_falls_back_to_eager_steps_with_one_line(tmp_path):
+    with pytest.warns(UserWarning, match="runs eagerly: fp16's GradScaler"):
+        result = train(make_config("fast", epochs=1, precision="fp16", cuda_graph=True, **TINY), tmp_path / "run")
+    assert len(result.history) == 1

@@ -1,6 +1,8 @@
 import os
+import shutil
 import tarfile
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +124,104 @@ def test_synthetic_is_deterministic_learnable_and_labelled():
     assert a.synthetic and "synthetic" in a.source
     assert sorted(a.class_counts().values()) == [10] * 10
     assert not torch.equal(a.train.images, a.test.images[:1].expand_as(a.train.images))
+
+
+def test_a_missing_path_is_named_and_left_uncreated_when_the_download_fails(tmp_path, monkeypatch):
+    # torchvision makes the folder before it connects: a mistyped --data used to leave an empty folder behind
+    import torchvision.datasets
+
+    def offline(root, **kw):
+        os.makedirs(root, exist_ok=True)  # as torchvision's download_url does first
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    typo = tmp_path / "dtaa" / "cifar"
+    with pytest.raises(DataError, match="no such folder, and CIFAR-10 could not be downloaded") as e:
+        load_data("cifar10", typo, progress=False)
+    assert str(e.value).startswith(f"{typo}: ") and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # neither dtaa/ nor dtaa/cifar/
+    with pytest.raises(DataError, match="no such folder and download is off"):
+        load_data("cifar10", typo, download=False, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_started_keeps_its_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def cut_off(root, **kw):
+        os.makedirs(root, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"the first bytes")
+        raise ConnectionResetError("connection reset")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", cut_off)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_data("cifar10", tmp_path / "new", progress=False)
+    assert (tmp_path / "new" / "cifar-10-python.tar.gz").is_file()
+
+
+@pytest.mark.parametrize("test_only", [False, True])
+def test_a_split_folder_says_to_point_at_its_parent(tmp_path, test_only):
+    root = write_imagefolder(tmp_path / "ds")
+    with pytest.raises(DataError, match=rf"point --data at its parent \({root}\)") as e:
+        load_data("cifar10", root / "test", download=False, progress=False, test_only=test_only)
+    assert str(e.value).startswith(f"{root / 'test'}: holds class folders of images")
+
+
+def test_test_only_needs_no_train_split_and_caches_apart(tmp_path, monkeypatch, private_cache):
+    root = write_imagefolder(tmp_path / "ds", n_per_class=4)
+    full = load_data("cifar10", root, download=False, progress=False)
+    shutil.rmtree(root / "train")
+    test = load_data("cifar10", root, download=False, progress=False, test_only=True)
+    assert torch.equal(test.test.images, full.test.images) and test.classes == full.classes
+    assert len(test.train) == 0 and test.mean == () and test.std == ()
+    decode = data_mod._decode
+    monkeypatch.setattr(data_mod, "_decode", lambda p: pytest.fail("decoded again despite the cache"))
+    assert torch.equal(load_data("cifar10", root, download=False, progress=False, test_only=True).test.labels,
+                       full.test.labels)
+    monkeypatch.setattr(data_mod, "_decode", decode)
+    write_imagefolder(tmp_path / "ds2", n_per_class=6, seed=1)
+    shutil.rmtree(root / "test")
+    os.replace(tmp_path / "ds2" / "test", root / "test")  # a changed test split is read again
+    assert len(load_data("cifar10", root, download=False, progress=False, test_only=True).test) == 9
+    assert len(list(private_cache.glob("imagefolder-test-*.pt"))) == 2
+
+
+def test_test_only_reads_just_the_official_test_batch(tmp_path):
+    root = write_official(tmp_path / "off", n_train=20, n_test=10)
+    full = load_data("cifar10", root, download=False, progress=False)
+    for p in (root / "cifar-10-batches-py").glob("data_batch_*"):
+        p.unlink()
+    test = load_data("cifar10", root, download=False, progress=False, test_only=True)
+    assert torch.equal(test.test.images, full.test.images) and len(test.train) == 0
+    tar_path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    assert torch.equal(load_data("cifar10", tar_path, download=False, progress=False, test_only=True).test.labels,
+                       full.test.labels)
+    with pytest.raises(DataError, match="expected data_batch_1..5 and test_batch"):  # training still needs them
+        load_data("cifar10", root, download=False, progress=False)
+
+
+@pytest.mark.parametrize("pixels", [4096, 2500])  # past twice the limit: Pillow's error; past the limit: its warning
+def test_an_image_past_the_decompression_bomb_limit_is_one_line(tmp_path, monkeypatch, pixels):
+    from PIL import Image
+
+    root = write_imagefolder(tmp_path / "ds")
+    side = int(pixels ** 0.5)
+    Image.new("RGB", (side, side)).save(root / "train" / "dog" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the 32x32 images stay below it
+    with pytest.raises(DataError, match="too large to decode safely") as e:
+        load_data("cifar10", root, download=False, progress=False)
+    assert str(e.value).startswith(f"{root / 'train' / 'dog' / 'huge.png'}: ") and "\n" not in str(e.value)
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path):
+    # it would still take a label and an output: a class the model never sees, reported at 0% in every run
+    root = write_imagefolder(tmp_path / "ds")
+    write_imagefolder(tmp_path / "birds", classes=("bird",))
+    os.replace(tmp_path / "birds" / "test" / "bird", root / "test" / "bird")  # test/ has bird images, train/ none
+    (root / "train" / "bird").mkdir()
+    (root / "train" / "bird" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"class folder holds no images .*; add some or remove the folder") as e:
+        load_data("cifar10", root, download=False, progress=False)
+    assert str(e.value).startswith(f"{root / 'train' / 'bird'}: ")

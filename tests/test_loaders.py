@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_api import ClassicLoader, TensorLoader, classic_transforms, make_synthetic
-from eva_api.loaders import crop_flip, shard_indices
+from eva_api.loaders import color_jitter, crop_flip, rotate, shard_indices
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,57 @@ def test_classic_loader_replays_an_epoch_from_any_batch_whatever_the_global_rng_
     torch.manual_seed(123)  # the model's dropout would move the global RNG: the transforms must not care
     tail = [x for x, _ in loader.iter_from(1)]
     assert len(tail) == 2 and all(torch.equal(a, b) for a, b in zip(full[1:], tail))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_rotate_is_torchvisions_rotation_per_image(size):
+    import torchvision.transforms.functional as TF
+
+    x = torch.randint(0, 256, (3, 3, *size), generator=torch.Generator().manual_seed(0)).float()
+    angles = torch.tensor([5.0, -3.5, 30.0])
+    out = rotate(x, angles)
+    for img, angle, got in zip(x, angles.tolist(), out):
+        want = TF.rotate(img, angle, interpolation=TF.InterpolationMode.NEAREST)
+        assert (got != want).float().mean() < 0.01  # non-square: a few pixels on rounding boundaries differ
+
+
+def test_color_jitter_is_torchvisions_adjustments_in_the_drawn_order():
+    import torchvision.transforms.functional as TF
+
+    x = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()
+    factors = torch.tensor([[1.08, 0.93, 1.05], [0.91, 1.1, 0.9], [1.0, 1.0, 1.0]])
+    order = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+    out = color_jitter(x, factors, order)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for img, f, o, got in zip(x, factors, order, out):
+        want = img / 255
+        for op in o.tolist():
+            want = adjust[op](want, f[op].item())
+        torch.testing.assert_close(got, want * 255, rtol=0, atol=2e-3)
+
+
+def test_the_course_augmentation_on_whole_batches(data):
+    """s8's flip, rotation and colour jitter on the tensor path: per image, replayable, train split only."""
+    def batches(epoch, **kw):
+        loader = TensorLoader(data.train, data.mean, data.std, 32, train=True, seed=3, **{"crop_padding": 0, **kw})
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _ in loader])
+
+    s8 = dict(rotate=5.0, jitter=0.1)
+    assert torch.equal(batches(1, **s8), batches(1, **s8)) and not torch.equal(batches(1, **s8), batches(2, **s8))
+    flip_only = batches(1)
+    changed = (batches(1, **s8) - flip_only).abs().flatten(1).amax(1) > 1e-3
+    assert changed.float().mean() > 0.9  # nearly every image rotated or recoloured, each its own way
+    cropped = batches(1, crop_padding=2, cutout_size=8, **s8)  # crops and cutout apply on this path too
+    assert not torch.equal(cropped, batches(1, **s8)) and (cropped == 0).flatten(1).sum(1).min() >= 4 * 4 * 3  # clipped at a corner
+    test = TensorLoader(data.test, data.mean, data.std, 40, train=False, rotate=5.0, jitter=0.1)
+    assert torch.equal(next(iter(test))[0], next(iter(TensorLoader(data.test, data.mean, data.std, 40, train=False)))[0])
+
+
+def test_s8_runs_on_the_tensor_loader_with_the_course_augmentation(data):
+    from eva_api import build_loaders, make_config
+    from eva_api.distributed import DistInfo
+
+    train, test = build_loaders(data, make_config("s8", loader="tensor"), DistInfo(device=torch.device("cpu")), "cpu")
+    assert isinstance(train, TensorLoader) and (train.rotate, train.jitter, train.flip, train.crop_padding) == (5, 0.1, True, 0)
+    assert (test.rotate, test.jitter, test.flip) == (0, 0, False)

@@ -48,13 +48,48 @@ def test_notebook_runs_top_to_bottom_on_synthetic_data(tmp_path, monkeypatch):
     assert list(tmp_path.glob("runs/*/checkpoint.pt"))
 
 
-def test_notebook_epochs_follow_the_recipe_and_it_continues_an_unfinished_run(tmp_path, monkeypatch):
-    """The parameters cell alone: EPOCHS unset takes the recipe's; the train cell resumes what a disconnect left."""
+TINY = dict(model="tiny", dataset="synthetic", synthetic_train=64, synthetic_test=32, batch_size=32, progress=False,
+            precision="fp32", gallery=4, epochs=2)
+
+
+def _disconnected_run(config, folder, monkeypatch, mtime=None):
+    """Train ``config`` into ``folder`` until a disconnect in epoch 2: an unfinished run (1 of 2 epochs done)."""
     import os
     import signal
 
-    from eva_api import Interrupted, make_config, train
+    from eva_api import Interrupted, train
     from eva_api.loaders import TensorLoader
+
+    original = TensorLoader.iter_from
+
+    def disconnect(self, start):
+        for item in original(self, start):
+            if self.train and self.epoch == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+
+    with monkeypatch.context() as m:
+        m.setattr(TensorLoader, "iter_from", disconnect)
+        with pytest.raises(Interrupted):
+            train(config, folder)
+    if mtime is not None:  # the order "newest" means, made explicit
+        os.utime(folder / "checkpoint.pt", (mtime, mtime))
+    return folder
+
+
+def _train_cell_scope(config, out):
+    import os
+    import time
+
+    return {"os": os, "time": time, "eva_api": __import__("eva_api"), "config": config, "data": None,
+            "OUT": str(out), "RESUME": True}
+
+
+def test_notebook_epochs_follow_the_recipe_and_it_continues_an_unfinished_run(tmp_path, monkeypatch):
+    """The parameters cell alone: EPOCHS unset takes the recipe's; the train cell resumes what a disconnect left."""
+    import os
+
+    from eva_api import make_config
 
     nb = nbformat.read(REPO / "S8_Assignment.ipynb", as_version=4)
     params = _cell(nb, "RESUME = ").source
@@ -64,21 +99,51 @@ def test_notebook_epochs_follow_the_recipe_and_it_continues_an_unfinished_run(tm
     exec(params, scope)
     assert scope["config"].epochs == make_config("fast").epochs and scope["RESUME"] is True
 
-    tiny = dict(model="tiny", dataset="synthetic", synthetic_train=64, synthetic_test=32, batch_size=32,
-                progress=False, precision="fp32", gallery=4, epochs=2)
-    original = TensorLoader.iter_from
-
-    def disconnect(self, start):
-        for b, item in enumerate(original(self, start)):
-            if self.train and self.epoch == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-
-    monkeypatch.setattr(TensorLoader, "iter_from", disconnect)
-    with pytest.raises(Interrupted):
-        train(make_config("fast", **tiny), tmp_path / "runs" / "first")
-    monkeypatch.undo()
-    scope.update(config=make_config("fast", **tiny), data=None, OUT=str(tmp_path / "runs"), RESUME=True,
-                 time=__import__("time"))
+    _disconnected_run(make_config("fast", **TINY), tmp_path / "runs" / "first", monkeypatch)
+    scope = _train_cell_scope(make_config("fast", **TINY), tmp_path / "runs")
     exec(_cell(nb, "eva_api.train(").source, scope)
     assert scope["run_dir"] == tmp_path / "runs" / "first" and len(scope["history"]) == 2
+
+
+def test_notebook_continues_only_a_run_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    """RESUME leaves an unfinished run of other settings as it is (one line says which and why), starts a new
+    run, and continues the newest unfinished run that has the notebook's settings, even behind another one."""
+    import hashlib
+    import os
+
+    from eva_api import load_checkpoint, make_config
+
+    nb = nbformat.read(REPO / "S8_Assignment.ipynb", as_version=4)
+    cell = _cell(nb, "eva_api.train(").source
+    runs = tmp_path / "runs"
+    notebook_config = make_config("fast", **TINY)
+
+    other_seed = _disconnected_run(make_config("fast", **{**TINY, "seed": 1}), runs / "seed1", monkeypatch, 1000)
+    digest = hashlib.sha256((other_seed / "checkpoint.pt").read_bytes()).hexdigest()
+    capsys.readouterr()
+    scope = _train_cell_scope(notebook_config, runs)
+    exec(cell, scope)
+    lines = capsys.readouterr().out.splitlines()
+    left = [line for line in lines if line.startswith("left alone")]
+    assert left == [f"left alone: the unfinished run {other_seed} (1 of 2 epochs done) has other settings than this "
+                    "notebook's (seed: 1 -> 0)"]
+    new_run = scope["run_dir"]
+    assert f"new run: {new_run}" in lines and not any(line.startswith("continuing") for line in lines)
+    assert new_run != other_seed and str(new_run).startswith(str(runs)) and len(scope["history"]) == 2
+    assert hashlib.sha256((other_seed / "checkpoint.pt").read_bytes()).hexdigest() == digest  # untouched
+    os.utime(os.path.join(new_run, "checkpoint.pt"), (2000, 2000))  # finished: never continued
+
+    # the notebook's unfinished run sits behind a newer unfinished run of another recipe: that one is left alone
+    ours = _disconnected_run(notebook_config, runs / "ours", monkeypatch, 3000)
+    s8 = _disconnected_run(make_config("s8", **{**TINY, "loader": "tensor", "augment": "crop_flip"}), runs / "s8",
+                           monkeypatch, 4000)
+    capsys.readouterr()
+    scope = _train_cell_scope(notebook_config, runs)
+    exec(cell, scope)
+    lines = capsys.readouterr().out.splitlines()
+    left = [line for line in lines if line.startswith("left alone")]
+    assert len(left) == 1 and left[0].startswith(f"left alone: the unfinished run {s8} (1 of 2 epochs done)")
+    assert "recipe: 's8' -> 'fast'" in left[0] and left[0].endswith(" more)")
+    assert f"continuing {ours}" in lines and not any(line.startswith("new run") for line in lines)
+    assert scope["run_dir"] == ours and len(scope["history"]) == 2
+    assert load_checkpoint(s8 / "checkpoint.pt")["epoch"] == 1

@@ -2,7 +2,7 @@
 (``forked_main`` runs the same in a process forked from a server that imported it once).
 
 EVA_TEST_SIGNAL="PHASE:N:SIG[,PHASE:N:SIG...]" sends this process the real signal SIG (INT, TERM or KILL) at
-the N-th time (1-based) it reaches PHASE: ``batch`` (a training batch is fetched), ``step`` (inside the optimizer step,
+the N-th time (1-based) it reaches PHASE: ``batch`` (a training batch is fetched), ``step`` (inside the optimizer step, at the Muon update:
 before any parameter moves), ``save`` (inside a checkpoint write, before the file is complete) or
 ``eval`` (inside an evaluation).
 """
@@ -42,13 +42,13 @@ def install_hook(specs: str) -> None:
             yield batch
 
     loaders.TensorLoader.iter_from = iter_from
-    orig_muon = optim._muon
+    orig_muon = optim._muon_update
 
     def muon(*args, **kwargs):
         tick("step")
         return orig_muon(*args, **kwargs)
 
-    optim._muon = muon
+    optim._muon_update = muon
     orig_save = ckpt_mod.torch.save
 
     class HookedTorch:
