@@ -153,8 +153,8 @@ def _muon_update(params: list[torch.Tensor], directions: list[torch.Tensor], lr:
         by_shape.setdefault(tuple(p.shape) if stack else (i,), []).append(i)
     updates: list[torch.Tensor] = list(directions)
     for index in by_shape.values():
-        stack = torch.stack([_as_matrix(directions[i]) for i in index])
-        for i, u in zip(index, orthogonalize(stack, dtype=ns_dtype).unbind(0)):
+        banks = torch.stack([_as_matrix(directions[i]) for i in index])
+        for i, u in zip(index, orthogonalize(banks, dtype=ns_dtype).unbind(0)):
             updates[i] = _matrix_like(u, directions[i])
     torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(params, updates)
