@@ -195,7 +195,7 @@ def test_trust_checkpoint_reads_an_old_pickled_checkpoint(run_dir, tmp_path):
 def test_doctor_passes_here():
     proc = cli("doctor", tiny=False, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    for line in ("torch:", "torchvision:", "CUDA:", "cuDNN:", "device:", "precision (auto):", "Muon's Newton-Schulz in ", "PASS setup:", "PASS train:",
+    for line in ("torch:", "torchvision:", "CUDA:", "cuDNN:", "device:", "precision (auto):", "the fast recipe's Muon orthogonalizes in ", "PASS setup:", "PASS train:",
                  "PASS evaluate:", "PASS checkpoint:", "all checks passed"):
         assert line in proc.stdout, line
     line = next(x for x in proc.stdout.splitlines() if x.startswith("precision (auto):"))
