@@ -215,19 +215,31 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any] | None = Non
     return replace(saved, **(overrides or {}))
 
 
-def unfinished_run(root: str | Path) -> Path | None:
+def unfinished_run(root: str | Path, config: Config | None = None,
+                   left_alone: list[tuple[Path, str, str]] | None = None) -> Path | None:
     """The newest run folder under ``root`` (or ``root`` itself) whose checkpoint has epochs left to train,
-    e.g. to continue after a Colab disconnect; None when there is none."""
+    e.g. to continue after a Colab disconnect; None when there is none.
+
+    With ``config`` only a run saved with the same settings (``resume_conflicts``) counts: an unfinished run
+    with others stays as it is (continuing it would train that other experiment), and ``left_alone`` (when
+    given) receives ``(folder, "N of M epochs done", "field: saved -> new; ...")`` for each one passed over."""
     root = Path(root)
     candidates = sorted((p.parent for p in [root / CHECKPOINT, *root.glob(f"*/{CHECKPOINT}")] if p.is_file()),
                         key=lambda d: (d / CHECKPOINT).stat().st_mtime, reverse=True)
     for folder in candidates:
         try:
-            ckpt = load_checkpoint(folder / CHECKPOINT, mmap=True)
+            ckpt = load_checkpoint(folder / CHECKPOINT, mmap=True)  # the config and epoch only: no weights are read
         except CheckpointError:
             continue
-        if ckpt["epoch"] < int(ckpt["config"].get("epochs", 0)):
+        epochs = int(ckpt["config"].get("epochs", 0))
+        if ckpt["epoch"] >= epochs:
+            continue  # finished
+        conflicts = resume_conflicts(Config.from_dict(ckpt["config"]), config) if config is not None else []
+        if not conflicts:
             return folder
+        if left_alone is not None:
+            shown = "; ".join(conflicts[:3]) + (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+            left_alone.append((folder, f"{ckpt['epoch']} of {epochs} epochs done", shown))
     return None
 
 
